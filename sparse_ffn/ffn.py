@@ -1,0 +1,165 @@
+"""FFN discovery: find every decoder layer's feed-forward block and its parts in a HF causal LM.
+
+This is the only place that knows module names of model families. Everything else (masking,
+calibration, Sparse Expansion) works on the `FFN` records returned by `find_ffns`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+# Known layouts, relative to one decoder layer: (down, act, gate, up, gate_up). `down` is the second
+# linear (its input is the intermediate activation `a`); `act` the activation module.
+_LAYOUTS: tuple[dict[str, str | None], ...] = (
+    # Llama, Mistral, Qwen2/Qwen3, Gemma/Gemma2/Gemma3, Granite, OLMo, ...
+    dict(down="mlp.down_proj", act="mlp.act_fn", gate="mlp.gate_proj", up="mlp.up_proj", gate_up=None),
+    # Phi-3 (fused gate/up: first half gate, second half up)
+    dict(down="mlp.down_proj", act="mlp.activation_fn", gate=None, up=None, gate_up="mlp.gate_up_proj"),
+    # GPT-NeoX / Pythia, Falcon
+    dict(down="mlp.dense_4h_to_h", act="mlp.act", gate=None, up="mlp.dense_h_to_4h", gate_up=None),
+    # GPT-2 (Conv1D, weight stored transposed)
+    dict(down="mlp.c_proj", act="mlp.act", gate=None, up="mlp.c_fc", gate_up=None),
+    # Phi-1/2
+    dict(down="mlp.fc2", act="mlp.activation_fn", gate=None, up="mlp.fc1", gate_up=None),
+    # OPT (FFN lives directly in the decoder layer)
+    dict(down="fc2", act="activation_fn", gate=None, up="fc1", gate_up=None),
+    # GPT-J
+    dict(down="mlp.fc_out", act="mlp.act", gate=None, up="mlp.fc_in", gate_up=None),
+)
+
+_HOW_TO_NAME = (
+    "pass the module names explicitly: model_args ffn_layers=<path of the decoder-layer list>,"
+    "ffn_down=<second linear, relative to a layer>,ffn_act=<activation module>"
+    "[,ffn_gate=...,ffn_up=...|ffn_gate_up=...] (CLI: --ffn-layers/--ffn-down/...)"
+)
+
+
+@dataclass(frozen=True)
+class FFNNames:
+    """Explicit module names for an architecture `find_ffns` does not know.
+
+    `layers` is the dotted path of the decoder-layer ModuleList from the model root (optional: found
+    automatically); the others are dotted paths relative to one decoder layer.
+    """
+
+    down: str
+    act: str | None = None
+    gate: str | None = None
+    up: str | None = None
+    gate_up: str | None = None
+    layers: str | None = None
+
+
+@dataclass
+class FFN:
+    """One decoder layer's FFN. `down` is the module whose input is the activation `a` (d_ff wide)."""
+
+    layer: int
+    down: nn.Module
+    act: nn.Module | None
+    gate: nn.Module | None
+    up: nn.Module | None
+    gate_up: nn.Module | None
+
+    @property
+    def gated(self) -> bool:
+        """True for act(W_gate x) * (W_up x) layouts (incl. a fused gate_up_proj)."""
+        return self.gate is not None or self.gate_up is not None
+
+    def down_weight(self) -> torch.Tensor:
+        """W_down as (d_model, d_ff), whatever the module type (GPT-2's Conv1D stores it transposed)."""
+        down = getattr(self.down, "base_layer", self.down)  # PEFT/LoRA wrapper -> the frozen base linear
+        return down.weight.t() if _is_conv1d(down) else down.weight
+
+    @property
+    def d_ff(self) -> int:
+        return self.down_weight().shape[1]
+
+    def down_column_norms(self) -> torch.Tensor:
+        """||W_down[:, i]||_2 for every neuron i, float32, shape (d_ff,), on the weight's device."""
+        return self.down_weight().detach().float().norm(dim=0)
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and not isinstance(module, nn.Conv1d)
+
+
+def _get(root: nn.Module, path: str | None) -> nn.Module | None:
+    if not path:
+        return None
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _decoder_layers(model: nn.Module, path: str | None) -> tuple[str, nn.ModuleList]:
+    """The decoder-layer list: the given path, or the longest ModuleList of identical blocks."""
+    if path:
+        layers = _get(model, path)
+        if not isinstance(layers, nn.ModuleList):
+            raise UserError(f"ffn_layers={path!r}: no nn.ModuleList at that path in {type(model).__name__}")
+        return path, layers
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            if len({type(m) for m in module}) == 1 and (best is None or len(module) > len(best[1])):
+                best = (name, module)
+    if best is None:
+        raise UserError(f"{type(model).__name__}: found no list of decoder layers; {_HOW_TO_NAME}")
+    return best
+
+
+def find_ffns(model: nn.Module, names: FFNNames | None = None) -> list[FFN]:
+    """Every decoder layer's FFN, in layer order. Works through wrappers (PEFT) by searching modules.
+
+    Raises UserError naming the model class when the layout is unknown (never a silent no-op).
+    """
+    _, layers = _decoder_layers(model, names.layers if names else None)
+    layouts = [dict(down=names.down, act=names.act, gate=names.gate, up=names.up, gate_up=names.gate_up)] if names else _LAYOUTS
+    first = layers[0]
+    for layout in layouts:
+        if _get(first, layout["down"]) is not None and all(
+            _get(first, layout[k]) is not None for k in ("act", "gate", "up", "gate_up") if layout[k]
+        ):
+            break
+    else:
+        if names:
+            raise UserError(f"{type(model).__name__}: explicit FFN names {names} do not match decoder layer "
+                            f"{type(first).__name__}")
+        raise UserError(f"{type(model).__name__}: unknown FFN layout in decoder layer {type(first).__name__}; "
+                        f"{_HOW_TO_NAME}")
+    ffns = []
+    for i, layer in enumerate(layers):
+        parts = {k: _get(layer, layout[k]) for k in ("down", "act", "gate", "up", "gate_up")}
+        if parts["down"] is None:
+            raise UserError(f"{type(model).__name__}: layer {i} has no {layout['down']!r}")
+        # PEFT (LoRA) wraps linears in a module with `base_layer`; `a` is still the wrapper's input.
+        base = getattr(parts["down"], "base_layer", parts["down"])
+        if not isinstance(getattr(base, "weight", None), torch.Tensor) or base.weight.dim() != 2:
+            raise UserError(f"{type(model).__name__}: {layout['down']!r} in layer {i} is a "
+                            f"{type(base).__name__}, not a linear layer")
+        ffns.append(FFN(layer=i, **parts))
+    return ffns
+
+
+def model_fingerprint(model: nn.Module, ffns: list[FFN]) -> dict:
+    """What identifies a model for an artifact: layer count, d_ff and a hash of the FFN down weights."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for ffn in ffns:
+        w = ffn.down_weight().detach()
+        # Hash a cheap, dtype-independent summary: the float32 column norms (exact for equal weights).
+        h.update(ffn.down_column_norms().cpu().numpy().tobytes())
+        h.update(str(tuple(w.shape)).encode())
+    return {
+        "num_layers": len(ffns),
+        "d_ff": ffns[0].d_ff if ffns else 0,
+        "weight_hash": "sha256:" + h.hexdigest()[:32],
+    }
