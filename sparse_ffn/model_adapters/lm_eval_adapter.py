@@ -21,7 +21,7 @@ from lm_eval.models.huggingface import HFLM
 from .. import __version__
 from ..atomic import sha256_file
 from ..errors import UserError, install_excepthook
-from ..ffn import FFNNames, model_fingerprint
+from ..ffn import FFNNames, find_ffns, model_fingerprint
 from ..masking import SparsityConfig, sparsify_
 from .. import threshold_file
 
@@ -66,14 +66,10 @@ class SparseFFNLM(HFLM):
                 raise UserError("pretrained=... is required (the thresholds file does not name its model)")
         super().__init__(pretrained=pretrained, **kwargs)
 
-        self.sparsity = sparsify_(self.model, config, names)
-        fingerprint = model_fingerprint(self.model, self.sparsity.ffns)
+        fingerprint = model_fingerprint(self.model, find_ffns(self.model, names))
         if thr is not None:
-            try:
-                thr.check_model(fingerprint)
-            except UserError:
-                self.sparsity.remove()
-                raise
+            thr.check_model(fingerprint)  # before any hook: a wrong file names the file, not the model
+        self.sparsity = sparsify_(self.model, config, names)
         self._sparse_ffn_info = {
             "version": __version__,
             "strategy": strategy,
