@@ -45,6 +45,11 @@ def _cmd_tasks_write(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+# Modules that add their own subcommands: each has `add_commands(subparsers)`, whose parsers set
+# `func(args, rest) -> int` as default. Imported lazily so `sparse-ffn --help` stays fast.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparse-ffn", description=__doc__.split("\n")[0])
     p.add_argument("--version", action="version", version=f"sparse-ffn {__version__}")
@@ -68,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--data-dir", required=True, help="folder with piqa/, arc_easy/, wikitext2_raw/, ...")
     w.add_argument("--out", required=True, help="directory to write the YAML configs into")
     w.set_defaults(func=_cmd_tasks_write)
+
+    import importlib
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_commands(sub)
     return p
 
 

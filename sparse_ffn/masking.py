@@ -162,12 +162,26 @@ def _per_device(make: callable) -> callable:
     return get
 
 
-def _cett_hook(stats: SparsityStats, layer: int, tau: callable):
+def _below(tau: torch.Tensor) -> torch.Tensor:
+    """The largest float32 below each tau (tau itself where tau <= 0; 0/0 from a zero column -> 0)."""
+    tau = torch.nan_to_num(tau, nan=0.0)
+    return torch.where(tau > 0, torch.nextafter(tau, torch.zeros_like(tau)), tau)
+
+
+def _cett_hook(stats: SparsityStats, layer: int, tau_below: callable):
+    """a_i -> 0 where |a_i| < tau_i. `tau_below(device)` gives nextafter(tau, 0), float32, (d_ff,), so
+    `|a| > tau_below` is exactly `|a| >= tau`; sign(clamp(|a| - tau_below, 0)) is that as a 0/1 factor
+    (x - y is 0 only when x == y), about 4x cheaper on CPU than a boolean mask plus masked_fill."""
+
     def hook(module: nn.Module, args: tuple) -> tuple:
         a = args[0]
-        inactive = a.abs() < tau(a.device)
-        stats.record(layer, inactive.sum(-1, dtype=torch.int32))
-        return (a.masked_fill(inactive, 0),) + tuple(args[1:])
+        tau = tau_below(a.device)
+        if a.dtype == tau.dtype:
+            keep = a.abs().sub_(tau).clamp_(min=0).sign_()
+        else:  # compare in float32: rounding tau to bf16/fp16 would move the boundary
+            keep = (a.abs() > tau).to(a.dtype)
+        stats.record(layer, (a.shape[-1] - keep.sum(-1)).to(torch.int32))
+        return (a * keep,) + tuple(args[1:])
 
     return hook
 
@@ -181,9 +195,9 @@ def _dense_hook(stats: SparsityStats, layer: int):
 
 def _fat_hook(stats: SparsityStats, layer: int, eps: float):
     def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-        inactive = out.abs() <= eps
-        stats.record(layer, inactive.sum(-1, dtype=torch.int32))
-        return out.masked_fill(inactive, 0)
+        kept = torch.nn.functional.hardshrink(out, eps) if eps > 0 else out  # x if |x| > eps else 0
+        stats.record(layer, (kept == 0).sum(-1, dtype=torch.int32))
+        return kept
 
     return hook
 
@@ -192,9 +206,9 @@ def _topk_hook(stats: SparsityStats, layer: int, ratio: float):
     def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
         d_ff = out.shape[-1]
         k = min(d_ff, max(1, round(ratio * d_ff)))
-        keep = torch.zeros_like(out, dtype=torch.bool).scatter_(-1, out.abs().topk(k, dim=-1).indices, True)
+        idx = out.abs().topk(k, dim=-1, sorted=False).indices
         stats.record(layer, torch.full(out.shape[:-1], d_ff - k, dtype=torch.int32, device=out.device))
-        return out.masked_fill(~keep, 0)
+        return torch.zeros_like(out).scatter_(-1, idx, out.gather(-1, idx))
 
     return hook
 
@@ -229,7 +243,7 @@ def sparsify_(model: nn.Module, config: SparsityConfig, names: FFNNames | None =
             hooks.append(f.down.register_forward_pre_hook(_dense_hook(stats, f.layer)))
         elif config.strategy == "cett":
             t = config.thresholds[f.layer]
-            tau = _per_device(lambda f=f, t=t: t / f.down_column_norms())
+            tau = _per_device(lambda f=f, t=t: _below(t / f.down_column_norms()))
             hooks.append(f.down.register_forward_pre_hook(_cett_hook(stats, f.layer, tau)))
         elif config.strategy == "fat":
             hooks.append(f.act.register_forward_hook(_fat_hook(stats, f.layer, config.arg)))
