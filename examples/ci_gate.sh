@@ -8,6 +8,7 @@
 #   may also be given as $THRESHOLDS. It must not contain a comma (lm_eval splits --model_args on commas).
 # DATA_DIR: folder with piqa/ and arc_easy/ JSONL files (or $DATA_DIR).
 # Environment (all optional):
+#   TASKS=piqa_local,arc_easy_local  tasks (any written by `sparse-ffn tasks write`, e.g. wikitext_local)
 #   LIMIT=50            documents per task (at 50 the stderr of acc is ~0.07: raise it for tight budgets)
 #   MAX_DROP=...        e.g. acc=0.02,acc_norm=0.02 (default: the gate's acc=0.01,acc_norm=0.01)
 #   MIN_SPARSITY=0.3    also require this mean FFN sparsity of the sparse run
@@ -28,7 +29,7 @@ THR=$(cd "$(dirname "$THR")" && pwd)/$(basename "$THR")
 
 LIMIT=${LIMIT:-50}
 OUT=${OUT_DIR:-gate-out}
-TASKS=piqa_local,arc_easy_local
+TASKS=${TASKS:-piqa_local,arc_easy_local}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 MODEL=$(sparse-ffn models fetch smollm2-135m | tail -n 1)
@@ -46,7 +47,7 @@ run_eval dense "strategy=dense"
 run_eval sparse "thresholds=$THR"
 
 gate_args=(--baseline "$OUT/dense" --candidate "$OUT/sparse" --summary "$OUT/gate.md" --plot "$OUT/gate.png")
-[[ -n "${MAX_DROP:-}" ]] && gate_args+=(--max-drop "$MAX_DROP")
+[[ -n "${MAX_DROP+set}" ]] && gate_args+=(--max-drop "$MAX_DROP")  # set but empty: no budgets
 [[ -n "${MIN_SPARSITY:-}" ]] && gate_args+=(--min-sparsity "$MIN_SPARSITY")
 
 status=0
