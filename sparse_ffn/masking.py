@@ -59,8 +59,8 @@ class SparsityStats:
     Counts stay on the device (no host sync per forward) until `summary()`.
     """
 
-    def __init__(self, num_layers: int, d_ff: list[int]) -> None:
-        self.d_ff = d_ff
+    def __init__(self, d_ff: list[int]) -> None:
+        self.d_ff = d_ff  # per layer
         self.mode: Literal["auto", "rows"] = "auto"
         self.enabled = True
         self.reset()
@@ -139,7 +139,7 @@ class SparsityHandle:
 
     def __init__(self, model: nn.Module, config: SparsityConfig, ffns: list[FFN]) -> None:
         self.model, self.config, self.ffns = model, config, ffns
-        self.stats = SparsityStats(len(ffns), [f.d_ff for f in ffns])
+        self.stats = SparsityStats([f.d_ff for f in ffns])
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
 
     def remove(self) -> None:
