@@ -120,6 +120,15 @@ class SparsityStats:
             self._tokens = self._tokens + tokens
         self._pending = [None] * len(self._pending)
 
+    def checkpoint(self) -> tuple:
+        """The committed counts, to `restore` if the work that follows fails half-way."""
+        self.flush()
+        return list(self._inactive), self._tokens
+
+    def restore(self, saved: tuple) -> None:
+        self.flush()
+        self._inactive, self._tokens = list(saved[0]), saved[1]
+
     # -- reading -----------------------------------------------------------------------------
     def counts(self) -> tuple[list[int], int]:
         """(inactive count per layer, tokens counted), as Python ints."""

@@ -18,23 +18,8 @@ from typing import Any, Iterator
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from .. import __version__
-from ..atomic import sha256_file
-from ..errors import UserError, install_excepthook
-from ..ffn import FFNNames, find_ffns, model_fingerprint
-from ..masking import SparsityConfig, sparsify_
-from .. import threshold_file
-
-_FFN_ARGS = ("ffn_layers", "ffn_down", "ffn_act", "ffn_gate", "ffn_up", "ffn_gate_up")
-
-
-def _ffn_names(kwargs: dict[str, Any]) -> FFNNames | None:
-    given = {k[4:]: kwargs.pop(k) for k in _FFN_ARGS if k in kwargs}
-    if not given:
-        return None
-    if "down" not in given:
-        raise UserError("ffn_down=... is required when any ffn_* module name is given")
-    return FFNNames(**given)
+from ..errors import install_excepthook
+from .sparsity_setup import FFN_ARGS, resolve_sparsity
 
 
 @register_model("sparse_ffn")
@@ -50,35 +35,10 @@ class SparseFFNLM(HFLM):
         **kwargs: Any,
     ) -> None:
         install_excepthook()
-        names = _ffn_names(kwargs)
-        thr = threshold_file.resolve(thresholds) if thresholds is not None else None
-        strategy = strategy or ("cett" if thr is not None else "dense")
-        if thr is not None and strategy != "cett":
-            raise UserError(f"strategy={strategy}: thresholds= only goes with strategy=cett")
-        config = SparsityConfig(
-            strategy=strategy,
-            arg=None if prune_arg is None else float(prune_arg),
-            thresholds=tuple(thr.thresholds) if thr is not None else None,
-        )
-        if pretrained is None:
-            pretrained = (thr.model.get("name_or_path") if thr is not None else None)
-            if not pretrained:
-                raise UserError("pretrained=... is required (the thresholds file does not name its model)")
-        super().__init__(pretrained=pretrained, **kwargs)
-
-        fingerprint = model_fingerprint(self.model, find_ffns(self.model, names))
-        if thr is not None:
-            thr.check_model(fingerprint)  # before any hook: a wrong file names the file, not the model
-        self.sparsity = sparsify_(self.model, config, names)
-        self._sparse_ffn_info = {
-            "version": __version__,
-            "strategy": strategy,
-            "prune_arg": config.arg,
-            "thresholds_source": thr.source if thr is not None else None,
-            "thresholds_sha256": sha256_file(thr.source) if thr is not None and thr.source != "<inline>" else None,
-            "thresholds_calibration": thr.calibration if thr is not None else None,
-            "model_fingerprint": fingerprint,
-        }
+        setup = resolve_sparsity(thresholds, strategy, prune_arg, pretrained=pretrained,
+                                 ffn_args={k: kwargs.pop(k) for k in FFN_ARGS if k in kwargs})
+        super().__init__(pretrained=setup.pretrained, **kwargs)
+        self.sparsity, self._sparse_ffn_info = setup.apply(self.model)
 
     # -- counting only real tokens -------------------------------------------------------------
     @contextlib.contextmanager
