@@ -1,0 +1,460 @@
+"""Sparse Expansion calibration (SPEC section 2): one-shot, block by block, like SparseGPT.
+
+    result = calibrate_experts(model, windows, ExpertsSettings(num_clusters=16, sparsity=0.5), "experts/")
+
+The inputs of decoder layer 0 are captured once (the model runs with every layer stubbed out, which
+also records the keyword arguments each layer gets: attention mask, rotary position embeddings,
+position ids; per layer, so Gemma's sliding/global layers get theirs). Then for each layer l, on the
+stored hidden states (the outputs of the already-expanded layers 0..l-1):
+  1. dense pass: run layer l, recording the input x of its first FFN linear(s) and the input a of its
+     down linear (computed with the dense gate/up of this layer);
+  2. routers "in" (on x) and "down" (on a): PCA + k-means (skipped for K = 1);
+  3. per cluster k: H_k = 2/n_k X_k^T X_k (float64 accumulation) and SparseGPT on a copy of each dense
+     weight routed by that router;
+  4. the layer file is written (atomically; a killed run resumes after the last finished layer);
+  5. output pass: the layer runs with its experts installed; its outputs are the next layer's inputs.
+A self-check first compares the layer-by-layer run with the model's own hidden states on one window,
+so a family whose layers cannot be called like this fails with a clear error instead of a bad artifact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import UserError
+from ..expansion import (ROUTER_OF, ArtifactWriter, ExpertsHandle, check_plain_linear, install_layer, linear_weight,
+                         load_layer_file, routed_roles)
+from ..ffn import FFN, FFNNames, _decoder_layers, find_ffns, model_fingerprint
+from .router import Router, fit_pca, kmeans, project
+from .sparsegpt import SparseGPTError, sparsegpt_prune
+
+HESSIAN_CHUNK_ROWS = 8192
+
+
+@dataclass(frozen=True)
+class ExpertsSettings:
+    """What `sparse-ffn calibrate experts` takes (exactly one of sparsity and n_m)."""
+
+    num_clusters: int
+    sparsity: float | None = None
+    n_m: tuple[int, int] | None = None
+    pca_reduction: int | None = 32  # None: no PCA
+    bits: int | None = None
+    kmeans_restarts: int = 4
+    kmeans_max_iter: int = 100
+    seed: int = 0
+    block_size: int = 128
+    percdamp: float = 0.01
+
+    def __post_init__(self) -> None:
+        if (self.sparsity is None) == (self.n_m is None):
+            raise UserError("--sparsity: give a fraction in (0, 1) or N:M")
+        if self.sparsity is not None and not 0 < self.sparsity < 1:
+            raise UserError(f"--sparsity {self.sparsity}: must be in (0, 1)")
+        if self.n_m is not None:
+            n, m = self.n_m
+            if not 0 < n < m:
+                raise UserError(f"--sparsity {n}:{m}: N:M needs 0 < N < M")
+            if self.block_size % m:
+                raise UserError(f"--sparsity {n}:{m}: M must divide the block size {self.block_size}")
+        if not isinstance(self.num_clusters, int) or self.num_clusters < 1:
+            raise UserError(f"--num-clusters {self.num_clusters}: must be an integer >= 1")
+        if self.pca_reduction is not None and self.pca_reduction < 1:
+            raise UserError(f"--pca-reduction {self.pca_reduction}: must be >= 1")
+        if self.bits is not None and not 1 <= self.bits <= 16:
+            raise UserError(f"--bits {self.bits}: must be in 1..16")
+        if self.kmeans_restarts < 1 or self.kmeans_max_iter < 1:
+            raise UserError("--kmeans-restarts and k-means iterations must be >= 1")
+        if not 0 <= self.percdamp:
+            raise UserError(f"percdamp {self.percdamp}: must be >= 0")
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["n_m"] = list(self.n_m) if self.n_m else None
+        return d
+
+
+def parse_sparsity(text: str) -> tuple[float | None, tuple[int, int] | None]:
+    """"0.5" -> (0.5, None); "2:4" -> (None, (2, 4)). UserError for anything else."""
+    text = str(text).strip()
+    if ":" in text:
+        parts = text.split(":")
+        try:
+            n, m = (int(p) for p in parts)
+        except ValueError:
+            raise UserError(f"--sparsity {text}: N:M must be two integers, e.g. 2:4") from None
+        if not 0 < n < m:
+            raise UserError(f"--sparsity {text}: N:M needs 0 < N < M")
+        return None, (n, m)
+    try:
+        p = float(text)
+    except ValueError:
+        raise UserError(f"--sparsity {text}: not a number in (0, 1) or N:M") from None
+    if not 0 < p < 1:
+        raise UserError(f"--sparsity {text}: must be in (0, 1) (or N:M)")
+    return p, None
+
+
+# ------------------------------------------------------------------------------------------------
+# Running decoder layers one at a time
+# ------------------------------------------------------------------------------------------------
+
+class _Stop(Exception):
+    pass
+
+
+class LayerRunner:
+    """Calls a model's decoder layers one at a time with the arguments the model itself passes them.
+
+    `capture(ids)` runs the model with every decoder layer replaced by a stub that records its
+    arguments (and stops at the last layer), giving layer 0's hidden-state input and, per layer, the
+    other positional and keyword arguments. Those depend only on the batch shape (no padding in
+    calibration windows), so they are kept per batch size. `run(l, h)` calls layer l on h.
+    """
+
+    def __init__(self, model: nn.Module, layers: nn.ModuleList) -> None:
+        self.model, self.layers = model, layers
+        self._calls: dict[int, list[tuple[bool, tuple, dict]]] = {}  # batch size -> per layer (positional?, args, kwargs)
+
+    def capture(self, ids: Tensor) -> Tensor:
+        """Layer 0's input for `ids` (batch, seq); records the per-layer arguments for this batch size."""
+        calls: list[Any] = [None] * len(self.layers)
+        last = len(self.layers) - 1
+
+        def stub(i: int):
+            def forward(*args: Any, **kwargs: Any) -> Any:
+                positional = bool(args)
+                hidden = args[0] if positional else kwargs.pop("hidden_states")
+                calls[i] = (positional, args[1:] if positional else (), kwargs, hidden)
+                if i == last:
+                    raise _Stop
+                return hidden
+            return forward
+
+        for i, layer in enumerate(self.layers):
+            layer.forward = stub(i)
+        try:
+            with torch.no_grad():
+                self.model(input_ids=ids, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            for layer in self.layers:
+                del layer.forward
+        if any(c is None for c in calls):
+            raise UserError(f"{type(self.model).__name__}: the model did not call every decoder layer once "
+                            f"per forward; sequential calibration is not supported for this family")
+        self._calls[ids.shape[0]] = [(p, a, k) for p, a, k, _ in calls]
+        return calls[0][3]
+
+    def run(self, layer: int, hidden: Tensor) -> Tensor:
+        positional, args, kwargs = self._calls[hidden.shape[0]][layer]
+        with torch.no_grad():
+            out = self.layers[layer](hidden, *args, **kwargs) if positional else \
+                self.layers[layer](hidden_states=hidden, **kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    def self_check(self, ids: Tensor) -> None:
+        """UserError unless running the layers one by one reproduces the model's hidden states on `ids`."""
+        with torch.no_grad():
+            ref = self.model(input_ids=ids, use_cache=False, output_hidden_states=True).hidden_states
+        if ref is None or len(ref) != len(self.layers) + 1:
+            raise UserError(f"{type(self.model).__name__}: hidden states not available to check the "
+                            f"layer-by-layer run; sequential calibration is not supported for this family")
+        h = self.capture(ids)
+        worst = 0.0
+        for layer in range(len(self.layers) - 1):  # the last entry is after the final norm
+            h = self.run(layer, h)
+            scale = float(ref[layer + 1].abs().max()) or 1.0
+            worst = max(worst, float((h - ref[layer + 1]).abs().max()) / scale)
+        tol = 1e-3 if h.dtype == torch.float32 else 3e-2
+        if not worst <= tol:
+            raise UserError(f"{type(self.model).__name__}: running its decoder layers one at a time does not "
+                            f"reproduce the model (relative difference {worst:.2e}); sequential calibration "
+                            f"is not supported for this family")
+
+
+# ------------------------------------------------------------------------------------------------
+# Routers, Hessians, pruning
+# ------------------------------------------------------------------------------------------------
+
+def fit_router(x: Tensor, settings: ExpertsSettings, device: torch.device) -> tuple[Router, Tensor, dict]:
+    """(router, cluster of every row of x (CPU LongTensor), stats) for the rows of x (tokens, d_in)."""
+    k = settings.num_clusters
+    if k == 1:
+        return Router(None, None, None), torch.zeros(x.shape[0], dtype=torch.long), {"clusters": 1}
+    pca = fit_pca(x, settings.pca_reduction, device=device)
+    rows = HESSIAN_CHUNK_ROWS
+    points = torch.cat([project(x[i:i + rows].to(device), pca.mean.to(device),
+                                None if pca.components is None else pca.components.to(device))
+                        for i in range(0, x.shape[0], rows)])
+    with one_cpu_thread(device):  # many small ops, like the SparseGPT sweep
+        km = kmeans(points, k, seed=settings.seed, restarts=settings.kmeans_restarts,
+                    max_iter=settings.kmeans_max_iter, device=device)
+    router = Router(pca.mean.cpu(), None if pca.components is None else pca.components.cpu(), km.centroids.cpu())
+    stats = {"clusters": k, "pca_dims": None if pca.components is None else int(pca.components.shape[1]),
+             "pca_explained_variance": pca.explained, "kmeans_inertia": km.inertia,
+             "kmeans_iterations": km.iterations, "kmeans_restart": km.restart}
+    return router, km.labels.cpu(), stats
+
+
+def cluster_hessians(x: Tensor, labels: Tensor, k: int, device: torch.device) -> list[tuple[Tensor, int]]:
+    """[(H_k = 2/n_k X_k^T X_k as float32 (d_in, d_in), n_k)] per cluster, accumulated in float64."""
+    out = []
+    for c in range(k):
+        idx = (labels == c).nonzero().flatten() if k > 1 else None
+        n = x.shape[0] if idx is None else idx.numel()
+        h = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=device)
+        for i in range(0, n, HESSIAN_CHUNK_ROWS):
+            rows = x[i:i + HESSIAN_CHUNK_ROWS] if idx is None else x.index_select(0, idx[i:i + HESSIAN_CHUNK_ROWS])
+            rows = rows.to(device, torch.float64)
+            h += rows.T @ rows
+        out.append(((h * (2.0 / n)).float() if n else h.float(), n))
+    return out
+
+
+@contextlib.contextmanager
+def one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """SparseGPT's column sweep is thousands of tiny ops: on a busy CPU, OpenMP threads waiting for each
+    other make it 10-50x slower than one thread (measured: 38 s vs 0.7 s for a 576x1536 layer on a
+    loaded 2-core machine). One thread for the sweep, the previous setting restored after."""
+    n = torch.get_num_threads()
+    if device.type != "cpu" or n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def prune_experts(w: Tensor, hessians: list[tuple[Tensor, int]], settings: ExpertsSettings,
+                  where: str) -> tuple[Tensor, list[dict]]:
+    """(K pruned copies of w (K, d_out, d_in) in w's dtype, per-expert stats)."""
+    with one_cpu_thread(w.device):
+        return _prune_experts(w, hessians, settings, where)
+
+
+def _prune_experts(w: Tensor, hessians: list[tuple[Tensor, int]], settings: ExpertsSettings,
+                   where: str) -> tuple[Tensor, list[dict]]:
+    wf = w.detach().float()
+    experts, stats = [], []
+    for c, (h, n) in enumerate(hessians):
+        if n == 0:  # cannot happen with k-means' empty-cluster repair unless points coincide
+            raise UserError(f"{where}: cluster {c} has no calibration tokens (too few distinct tokens for "
+                            f"{len(hessians)} clusters)")
+        try:
+            pruned, info = sparsegpt_prune(wf, h, settings.sparsity, settings.n_m, settings.block_size,
+                                           settings.percdamp, settings.bits, return_info=True)
+        except SparseGPTError as e:
+            raise SparseGPTError(f"{where}, expert {c}: {e}") from None
+        delta = wf - pruned
+        err = float(((delta @ h) * delta).sum())
+        base = float(((wf @ h) * wf).sum())
+        stats.append({"tokens": n, "damp": info["damp"], "rel_error": err / base if base > 0 else 0.0,
+                      "sparsity": float((pruned == 0).float().mean())})
+        experts.append(pruned.to(w.dtype))
+    return torch.stack(experts), stats
+
+
+# ------------------------------------------------------------------------------------------------
+# The calibration
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class CalibrationResult:
+    path: Path
+    seconds: float
+    peak_rss_bytes: int
+    handle: ExpertsHandle | None = None  # the in-memory expanded model, when keep_applied
+    resumed_from: int = 0
+    layers: list[dict] = field(default_factory=list)
+
+
+def _input_module(ffn: FFN) -> nn.Module:
+    return ffn.gate_up if ffn.gate_up is not None else (ffn.gate if ffn.gate is not None else ffn.up)
+
+
+def check_model_for_experts(ffns: list[FFN], settings: ExpertsSettings) -> None:
+    """UserError when the FFNs cannot take experts with these settings (layout, N:M divisibility)."""
+    for f in ffns:
+        if f.up is None and f.gate_up is None:
+            raise UserError(f"layer {f.layer}: FFN has no first linear (up/fc1) to route")
+        for role in routed_roles(f):
+            m = getattr(f, role)
+            check_plain_linear(m, f"layer {f.layer} {role}")
+            if settings.n_m is not None and linear_weight(m).shape[1] % settings.n_m[1]:
+                raise UserError(f"--sparsity {settings.n_m[0]}:{settings.n_m[1]}: M does not divide the input "
+                                f"width {linear_weight(m).shape[1]} of layer {f.layer} {role}")
+
+
+def calibrate_experts(model: nn.Module, windows: Tensor, settings: ExpertsSettings, out: str | Path, *,
+                      names: FFNNames | None = None, data: dict | None = None, batch_size: int = 8,
+                      overwrite: bool = False, keep_applied: bool = False, progress: bool = True,
+                      model_info: dict | None = None) -> CalibrationResult:
+    """Calibrate Sparse Expansion experts for every FFN of `model` on `windows` (LongTensor (n, seq_len))
+    and write the artifact directory `out`. Runs on the model's device. The model is left dense unless
+    `keep_applied` (then `result.handle` holds the in-memory expanded model, equal to what
+    `apply_experts_(model, out)` builds). `data` (source, sha256) goes into the manifest.
+    """
+    t0 = time.time()
+    ffns = find_ffns(model, names)
+    _, layers = _decoder_layers(model, names.layers if names else None)
+    if len(layers) != len(ffns):
+        raise UserError(f"{type(model).__name__}: {len(ffns)} FFNs but {len(layers)} decoder layers")
+    check_model_for_experts(ffns, settings)
+    n_windows, seq_len = windows.shape
+    tokens = n_windows * seq_len
+    if settings.num_clusters > tokens:
+        raise UserError(f"--num-clusters {settings.num_clusters}: more clusters than the {tokens} calibration tokens")
+    device = linear_weight(ffns[0].down).device
+    dtype = linear_weight(ffns[0].down).dtype
+    fingerprint = model_fingerprint(model, ffns)
+    first = ffns[0]
+    header = {
+        "model": {"name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None),
+                  "class": type(model).__name__,
+                  "model_type": getattr(getattr(model, "config", None), "model_type", None),
+                  "dtype": str(dtype).replace("torch.", ""), "fingerprint": fingerprint, **(model_info or {})},
+        "settings": settings.to_json(),
+        # batch_size changes float rounding of the layer runs, so a resume must use the same one
+        "data": {**(data or {}), "tokens": tokens, "windows": n_windows, "seq_len": seq_len, "batch_size": batch_size},
+        "layout": {"gated": first.gated, "roles": routed_roles(first),
+                   "routers": {r: [x for x in routed_roles(first) if ROUTER_OF[x] == r] for r in ("in", "down")},
+                   "modules": {r: _module_name(layers[0], getattr(first, r)) for r in routed_roles(first)}},
+        "storage": {"experts": "sparse-ffn layer files, see sparse_ffn/expansion.py"},
+    }
+    writer = ArtifactWriter(out, header, overwrite=overwrite)
+    writer.check()
+
+    runner = LayerRunner(model, layers)
+    was_training = model.training
+    model.eval()
+    runner.self_check(windows[:1].to(device))
+    handle = ExpertsHandle(model, ffns, layers)
+    ok = False
+    try:
+        hidden = []
+        for i in range(0, n_windows, batch_size):
+            hidden.append(runner.capture(windows[i:i + batch_size].to(device)))
+        done = writer.start()
+        bar = _progress(len(ffns), progress, done)
+        layer_entries = []
+        for ffn in ffns:
+            l = ffn.layer
+            if l < done:  # resume: rebuild the finished layer from its file
+                routers, experts, _ = load_layer_file(writer.layer_path(l))
+                install_layer(handle, ffn, routers, experts, where=str(writer.layer_path(l)))
+            else:
+                tl = time.time()
+                bar.set_postfix_str("dense pass")
+                x, a = _dense_pass(runner, ffn, hidden, tokens)
+                routers, experts, stats = {}, {}, {"routers": {}, "experts": {}}
+                for rname, inp in (("in", x), ("down", a)):
+                    bar.set_postfix_str(f"router {rname}")
+                    router, labels, rstats = fit_router(inp, settings, device)
+                    hessians = cluster_hessians(inp, labels, settings.num_clusters, device)
+                    rstats["tokens_per_cluster"] = [n for _, n in hessians]
+                    routers[rname], stats["routers"][rname] = router, rstats
+                    for role in routed_roles(ffn):
+                        if ROUTER_OF[role] != rname:
+                            continue
+                        bar.set_postfix_str(f"sparsegpt {role}")
+                        experts[role], stats["experts"][role] = prune_experts(
+                            linear_weight(getattr(ffn, role)), hessians, settings, f"layer {l} {role}")
+                    del hessians
+                del x, a
+                stats["seconds"] = round(time.time() - tl, 3)
+                layer_entries.append(writer.write_layer(l, routers, experts, stats))
+                install_layer(handle, ffn, routers, experts, where=f"layer {l}")
+            bar.set_postfix_str("output pass")
+            for j, h in enumerate(hidden):
+                hidden[j] = runner.run(l, h)
+            bar.update(1)
+        bar.close()
+        peak = _peak_rss()
+        seconds = time.time() - t0
+        run = {"seconds": round(seconds, 3), "peak_rss_bytes": peak, "device": str(device),
+               "resumed_from_layer": done, "torch": torch.__version__}
+        if device.type == "cuda":
+            run["peak_cuda_bytes"] = int(torch.cuda.max_memory_allocated(device))
+        path = writer.finish(len(ffns), run)
+        handle.stats.reset()  # the layer-by-layer runs are not model forwards: start counting afresh
+        ok = True
+        return CalibrationResult(path=path, seconds=seconds, peak_rss_bytes=peak,
+                                 handle=handle if keep_applied else None, resumed_from=done, layers=layer_entries)
+    finally:
+        if not (ok and keep_applied):
+            handle.remove()
+        model.train(was_training)
+
+
+def _module_name(root: nn.Module, module: nn.Module) -> str | None:
+    for name, m in root.named_modules():
+        if m is module:
+            return name
+    return None
+
+
+def _dense_pass(runner: LayerRunner, ffn: FFN, hidden: list[Tensor], tokens: int) -> tuple[Tensor, Tensor]:
+    """(x, a): the inputs of the layer's first FFN linear and of its down linear for every calibration
+    token, float32 on the CPU, rows in window order."""
+    d_in = linear_weight(_input_module(ffn)).shape[1]
+    d_ff = linear_weight(ffn.down).shape[1]
+    x = torch.empty(tokens, d_in, dtype=torch.float32)
+    a = torch.empty(tokens, d_ff, dtype=torch.float32)
+    pos = {"x": 0, "a": 0}
+
+    def grab(buf: Tensor, key: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            v = args[0].detach().reshape(-1, buf.shape[1])
+            buf[pos[key]:pos[key] + v.shape[0]].copy_(v)
+            pos[key] += v.shape[0]
+        return hook
+
+    hooks = [_input_module(ffn).register_forward_pre_hook(grab(x, "x")),
+             ffn.down.register_forward_pre_hook(grab(a, "a"))]
+    try:
+        for h in hidden:
+            runner.run(ffn.layer, h)
+    finally:
+        for hk in hooks:
+            hk.remove()
+    if pos["x"] != tokens or pos["a"] != tokens:
+        raise UserError(f"layer {ffn.layer}: the FFN saw {pos['x']}/{pos['a']} tokens, expected {tokens} "
+                        f"(its linears are not called once per token)")
+    return x, a
+
+
+def _peak_rss() -> int:
+    """Peak resident memory of this process in bytes (0 where the platform has no `resource`)."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(r if sys.platform == "darwin" else r * 1024)
+
+
+class _NoBar:
+    def set_postfix_str(self, *a: Any, **k: Any) -> None: ...
+    def update(self, *a: Any) -> None: ...
+    def close(self) -> None: ...
+
+
+def _progress(total: int, enabled: bool, done: int):  # noqa: ANN202
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="experts: layers", unit="layer", file=sys.stderr, dynamic_ncols=True,
+                initial=0, postfix="resuming" if done else None)
