@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from ..errors import UserError
+from . import calibrate_subparsers
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 
@@ -32,20 +33,8 @@ def parse_bytes(text: str) -> int | None:
     return int(value)
 
 
-def _calibrate_parser(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
-    """The sub-commands of `calibrate` (shared with the other modules that add calibrations)."""
-    parser = subparsers.choices.get("calibrate")
-    if parser is None:
-        parser = subparsers.add_parser("calibrate", help="calibrate sparsity artifacts (thresholds, experts, ...)")
-        return parser.add_subparsers(dest="calibrate_command", required=True)
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return action
-    return parser.add_subparsers(dest="calibrate_command", required=True)
-
-
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    sub = _calibrate_parser(subparsers)
+    sub = calibrate_subparsers(subparsers)
     p = sub.add_parser(
         "thresholds", help="per-layer CETT thresholds for PPL-k%% sparsity (or a fixed CETT); prints the file path",
         description="Fit per-layer CETT thresholds t_l (mask |a_i| < t_l/||W_down[:, i]||) on calibration text: "

@@ -10,22 +10,11 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
-
-
-def _calibrate_parser(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
-    """The sub-commands of `calibrate`, shared with other modules that add calibrations."""
-    parser = subparsers.choices.get("calibrate")
-    if parser is None:
-        parser = subparsers.add_parser("calibrate", help="calibrate sparsity artifacts (experts, ...)")
-        return parser.add_subparsers(dest="calibrate_command", required=True)
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return action
-    return parser.add_subparsers(dest="calibrate_command", required=True)
+from . import calibrate_subparsers
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    sub = _calibrate_parser(subparsers)
+    sub = calibrate_subparsers(subparsers)
     p = sub.add_parser(
         "experts", help="Sparse Expansion: K SparseGPT experts per FFN linear, routed by PCA + k-means",
         description="Sparse Expansion (Sawmya et al.): block by block, fit a router per FFN input (PCA + "
