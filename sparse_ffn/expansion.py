@@ -59,6 +59,7 @@ from .atomic import atomic_write_bytes, atomic_write_json, sha256_file
 from .calibrate.router import Router
 from .errors import UserError
 from .ffn import FFN, FFNNames, _decoder_layers, find_ffns, model_fingerprint
+from .masking import prefix_mask
 
 FORMAT = "sparse-ffn/experts"
 VERSION = 1
@@ -163,11 +164,7 @@ class ExpertUsageStats:
         if self.mode == "rows" and self._rows and self._pending:
             ref = next(iter(self._pending.values()))
             ref = ref if ref.dim() >= 2 else ref[None]
-            lengths = torch.tensor(self._rows, device=ref.device)
-            positions = torch.arange(ref.shape[1], device=ref.device)
-            valid = torch.zeros(ref.shape[:2], dtype=torch.bool, device=ref.device)
-            valid[: len(self._rows)] = positions[None, :] < lengths[:, None]
-            self._commit(valid, tokens=sum(self._rows))
+            self._commit(prefix_mask(self._rows, ref), tokens=sum(self._rows))
         self._pending, self._rows, self._valid = {}, [], None
 
     def _commit(self, valid: Tensor | None, tokens: int | None = None) -> None:

@@ -49,6 +49,15 @@ class SparsityConfig:
                 raise UserError(f"thresholds: {bad[0]!r} is not a finite number >= 0")
 
 
+def prefix_mask(lengths: list[int], like: torch.Tensor) -> torch.Tensor:
+    """Bool (batch, seq) on `like`'s device: row r is True on its first lengths[r] positions; rows
+    beyond len(lengths) are all False."""
+    positions = torch.arange(like.shape[1], device=like.device)
+    valid = torch.zeros(like.shape[:2], dtype=torch.bool, device=like.device)
+    valid[: len(lengths)] = positions[None, :] < torch.tensor(lengths, device=like.device)[:, None]
+    return valid
+
+
 class SparsityStats:
     """Inactive (token, neuron) counts per layer, over committed tokens only.
 
@@ -96,11 +105,7 @@ class SparsityStats:
         if self.mode == "rows" and self._rows:
             ref = next((p for p in self._pending if p is not None), None)
             if ref is not None:
-                lengths = torch.tensor(self._rows, device=ref.device)
-                positions = torch.arange(ref.shape[1], device=ref.device)
-                valid = torch.zeros(ref.shape[:2], dtype=torch.bool, device=ref.device)
-                valid[: len(self._rows)] = positions[None, :] < lengths[:, None]
-                self._commit(valid, tokens=sum(self._rows))
+                self._commit(prefix_mask(self._rows, ref), tokens=sum(self._rows))
         self._pending = [None] * len(self._pending)
         self._rows = []
         self._valid = None
