@@ -117,6 +117,8 @@ class SparsityStats:
                 continue
             ref = counts
             if valid is not None:
+                if counts.shape != valid.shape and counts.numel() == valid.numel():
+                    counts = counts.reshape(valid.shape)  # layouts that flatten (batch, seq), e.g. OPT
                 counts = counts * valid.to(counts.device)
             self._inactive[layer] = self._inactive[layer] + counts.sum(dtype=torch.int64)
         if ref is not None:

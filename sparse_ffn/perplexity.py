@@ -47,10 +47,9 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, *, 
         for i in starts:
             ids = windows[i: i + batch_size].to(device)
             logits = model(input_ids=ids, use_cache=False).logits
-            logits = logits[:, :-1]
-            nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                              ids[:, 1:].reshape(-1), reduction="none")
-            sums.append(nll.view(ids.shape[0], -1).double().sum(dim=1))
+            for row in range(ids.shape[0]):  # row by row: no copy of the whole (batch, seq, vocab) logits
+                nll = nn.functional.cross_entropy(logits[row, :-1].float(), ids[row, 1:], reduction="none")
+                sums.append(nll.double().sum().reshape(1))
             del logits, nll
     window_nll = torch.cat(sums).cpu()
     tokens = windows.shape[0] * (windows.shape[1] - 1)

@@ -99,3 +99,17 @@ def test_explicit_names_make_an_unknown_layout_work():
     assert s["tokens"] == 4 and 0 <= s["mean"] <= 1  # ReLU: natural zeros counted
     with pytest.raises(UserError, match="do not match"):
         find_ffns(model, FFNNames(down="ff.nope"))
+
+
+@pytest.mark.parametrize("arch", ["opt", "llama", "gpt2"])
+def test_padded_batch_counts_only_real_tokens(models, arch):
+    """OPT's FFN sees (batch * seq, d_ff): counts are still matched to the (batch, seq) mask."""
+    model = models[arch]
+    ids = torch.randint(4, 300, (2, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    handle = sparsify_(model, SparsityConfig("topk", arg=0.5))
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    inactive, tokens = handle.stats.counts()
+    handle.remove()
+    assert tokens == 10 and inactive == [10 * 64] * 3

@@ -1,5 +1,6 @@
 """What a sparsity request resolves to, shared by the lm-eval adapter and the UltraEval server:
-model args (`thresholds`, `strategy`, `prune_arg`, `ffn_*`, `pretrained`) -> the masking to install.
+model args (`thresholds`, `strategy`, `prune_arg`, `experts`, `ffn_*`, `pretrained`) -> the Sparse
+Expansion experts (if any) and the masking to install.
 
 Imports only the standard library at import time (the CLI builds its parser from modules that use it).
 """
@@ -29,13 +30,16 @@ class SparsitySetup:
     names: FFNNames | None
     thresholds: ThresholdFile | None
     pretrained: Any  # a path (or, for lm-eval's HFLM, a model object)
+    experts: str | None = None  # a Sparse Expansion experts directory
+    experts_manifest: dict | None = None
 
     @property
     def strategy(self) -> str:
         return self.config.strategy
 
     def apply(self, model: Any) -> tuple[SparsityHandle, dict]:
-        """Check the thresholds file against `model`, install the masking; returns (handle, info).
+        """Check the thresholds file against `model`, swap in the experts (if any), install the masking;
+        returns (handle, info). The experts' handle is `model._sparse_ffn_experts` (see `experts_of`).
 
         `info` is what the lm-eval adapter reports under `config.sparse_ffn` (besides `sparsity`).
         """
@@ -47,6 +51,10 @@ class SparsitySetup:
         fingerprint = model_fingerprint(model, find_ffns(model, self.names))
         if thr is not None:
             thr.check_model(fingerprint)  # before any hook: a wrong file names the file, not the model
+        if self.experts is not None:  # first: the masking hooks then sit on the routed modules
+            from ..expansion import apply_experts_
+
+            apply_experts_(model, self.experts, self.names)
         handle = sparsify_(model, self.config, self.names)
         info = {
             "version": __version__,
@@ -57,7 +65,18 @@ class SparsitySetup:
             "thresholds_calibration": thr.calibration if thr is not None else None,
             "model_fingerprint": fingerprint,
         }
+        if self.experts is not None:
+            from ..expansion import MANIFEST
+
+            info["experts_source"] = str(self.experts)
+            info["experts_manifest_sha256"] = sha256_file(os.path.join(self.experts, MANIFEST))
+            info["experts_settings"] = (self.experts_manifest or {}).get("settings")
         return handle, info
+
+
+def experts_of(model: Any) -> Any:
+    """The ExpertsHandle installed on `model` (None without experts)."""
+    return getattr(model, "_sparse_ffn_experts", None)
 
 
 def ffn_names(ffn_args: dict[str, Any] | None) -> FFNNames | None:
@@ -80,9 +99,11 @@ def resolve_sparsity(
     pretrained: str | None = None,
     ffn_args: dict[str, Any] | None = None,
     model_arg: str = "pretrained=...",
+    experts: str | os.PathLike | None = None,
 ) -> SparsitySetup:
     """The lm-eval adapter's argument logic, shared: thresholds imply cett; `pretrained` may come
-    from the thresholds file; `model_arg` is how the model argument is spelled in error messages."""
+    from the thresholds file or the experts manifest; `model_arg` is how the model argument is spelled
+    in error messages. A bad experts directory fails here, before the model is loaded."""
     from .. import threshold_file
     from ..masking import SparsityConfig
 
@@ -99,8 +120,16 @@ def resolve_sparsity(
             raise UserError(f"prune_arg={prune_arg!r}: not a number") from None
     config = SparsityConfig(strategy=strategy, arg=arg,
                             thresholds=tuple(thr.thresholds) if thr is not None else None)
+    manifest = None
+    if experts is not None:
+        from ..expansion import read_manifest
+
+        experts = os.fspath(experts)
+        manifest = read_manifest(experts)
     if pretrained is None:
-        pretrained = thr.model.get("name_or_path") if thr is not None else None
+        pretrained = (thr.model.get("name_or_path") if thr is not None else None) or \
+            ((manifest.get("model") or {}).get("name_or_path") if manifest is not None else None)
         if not pretrained:
-            raise UserError(f"{model_arg} is required (the thresholds file does not name its model)")
-    return SparsitySetup(config=config, names=names, thresholds=thr, pretrained=pretrained)
+            raise UserError(f"{model_arg} is required (the thresholds/experts file does not name its model)")
+    return SparsitySetup(config=config, names=names, thresholds=thr, pretrained=pretrained, experts=experts,
+                         experts_manifest=manifest)
