@@ -189,6 +189,10 @@ def test_target_search_matches_reference_bisection(model_and_windows):
     assert capped.thresholds == pytest.approx(ours.thresholds, rel=1e-6)
     with pytest.raises(UserError, match="max-activation-memory"):
         calibrate_thresholds(model, windows, cett=0.1, max_activation_memory=n_bytes // 2)
+    # half the memory: activations stored in bfloat16 (rounded), thresholds within 1%
+    half = calibrate_thresholds(model, windows, cett=cal["cett"], batch_size=4, activation_dtype="bfloat16")
+    assert half.calibration["memory"]["activation_bytes"] == 3 * n_bytes // 2
+    assert half.thresholds == pytest.approx(ours.thresholds, rel=0.01)
 
 
 class FakeCalibration:
@@ -215,7 +219,8 @@ def reference_bisection(curve, target, tol=1e-3):
     return lo, r_lo
 
 
-@pytest.mark.parametrize("curve", [lambda c: 1 + 0.8 * c ** 1.6, lambda c: 1 + 0.05 * c, lambda c: math.exp(3 * c ** 2)])
+@pytest.mark.parametrize("curve", [lambda c: 1 + 0.8 * c ** 1.6, lambda c: 1 + 0.05 * c,
+                                   lambda c: math.exp(3 * c ** 2)])
 def test_outer_search_is_quick_and_lands_where_bisection_does(curve):
     from sparse_ffn.calibrate.cett import _search
 
@@ -292,7 +297,7 @@ def test_cli_writes_a_threshold_file(tmp_path, model_dir, text_file, model_and_w
                    str(SEQ_LEN), "--target-ppl-ratio", "1.004", "--eval-data", str(eval_file), "--device", "cpu",
                    "--batch-size", "4", "--no-progress", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().splitlines()[-1] == str(out)
+    assert proc.stdout.strip().splitlines()[-1] == str(out.resolve())
     assert sorted(p.name for p in out.parent.iterdir()) == ["thr.json"]
     thr = threshold_file.load(out)
     model, windows = model_and_windows

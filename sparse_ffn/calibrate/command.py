@@ -178,5 +178,5 @@ def _cmd_thresholds(args: argparse.Namespace, rest: list[str]) -> int:
              f"ratio {ratio:.5f}, mean sparsity {measured['mean']:.4f}")
     cal["timing"]["command_s"] = round(time.perf_counter() - start, 3)
     path = thr.save(out)
-    print(path)
+    print(path.resolve())
     return 0
