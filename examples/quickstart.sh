@@ -23,4 +23,13 @@ fi
 # The table: the gate's report with no budgets (every row says what changed, nothing fails).
 MAX_DROP="" bash examples/ci_gate.sh "$THR" "$DATA_DIR" > /dev/null || true
 cat "$OUT_DIR/gate.md"
+python - "$THR" "$OUT_DIR/sparse" <<'PY'
+import json, pathlib, sys
+thr = json.loads(pathlib.Path(sys.argv[1]).read_text())
+cal, held = thr["calibration"], thr["calibration"].get("eval", {})
+run = json.loads(sorted(pathlib.Path(sys.argv[2]).rglob("results_*.json"))[-1].read_text())["config"]["sparse_ffn"]["sparsity"]
+print(f"\nPPL-1% thresholds: c={cal['cett']:.4f}, PPL ratio {cal['ppl_ratio']:.4f} on the calibration text"
+      + (f", {held['ppl_ratio']:.4f} on held-out {pathlib.Path(held['data']['path']).name}" if "ppl_ratio" in held else "")
+      + f"; FFN sparsity {thr['sparsity']['mean']:.3f} (calibration), {run['mean']:.3f} over {run['tokens']} lm-eval tokens")
+PY
 echo "results: $OUT_DIR (dense/, sparse/, gate.md, gate.png, $(basename "$THR"))"
