@@ -135,3 +135,10 @@ def test_bad_threshold_files_exit_nonzero_with_one_line(tiny_llama_dir, local_ta
         errors = [line for line in err.splitlines() if line.startswith("sparse-ffn: error:")]
         assert len(errors) == 1 and str(path) in errors[0] and BAD[name][1] in errors[0], err[-2000:]
         assert "Traceback" not in err
+
+
+def test_sparse_ffn_eval_wrapper_runs_lm_eval_with_our_model(tiny_llama_dir, local_tasks, tmp_path):
+    res = run_lm_eval(["eval", *_common(f"pretrained={tiny_llama_dir},strategy=topk,prune_arg=0.25", local_tasks,
+                                        limit="2")], tmp_path, script="sparse-ffn")
+    assert res["config"]["model"] == "sparse_ffn"
+    assert res["config"]["sparse_ffn"]["sparsity"]["mean"] == pytest.approx(0.75)
