@@ -187,7 +187,9 @@ def _below(tau: torch.Tensor) -> torch.Tensor:
 def _cett_hook(stats: SparsityStats, layer: int, tau_below: callable):
     """a_i -> 0 where |a_i| < tau_i. `tau_below(device)` gives nextafter(tau, 0), float32, (d_ff,), so
     `|a| > tau_below` is exactly `|a| >= tau`; sign(clamp(|a| - tau_below, 0)) is that as a 0/1 factor
-    (x - y is 0 only when x == y), about 4x cheaper on CPU than a boolean mask plus masked_fill."""
+    (x - y is 0 only when x == y), about 4x cheaper on CPU than a boolean mask plus masked_fill.
+    Outside autograd `a` (the FFN's temporary act(g) * u) is masked in place: one pass and one
+    allocation fewer (about a third of the hook's time); with gradients it is left untouched."""
 
     def hook(module: nn.Module, args: tuple) -> tuple:
         a = args[0]
@@ -197,7 +199,8 @@ def _cett_hook(stats: SparsityStats, layer: int, tau_below: callable):
         else:  # compare in float32: rounding tau to bf16/fp16 would move the boundary
             keep = (a.abs() > tau).to(a.dtype)
         stats.record(layer, (a.shape[-1] - keep.sum(-1)).to(torch.int32))
-        return (a * keep,) + tuple(args[1:])
+        masked = a * keep if a.requires_grad or a._is_view() else a.mul_(keep)
+        return (masked,) + tuple(args[1:])
 
     return hook
 

