@@ -49,17 +49,17 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable
 
 import torch
 from torch import Tensor, nn
 
 from . import __version__
 from .atomic import atomic_write_bytes, atomic_write_json, sha256_file
+from .counting import TokenCounter, forward_inputs
 from .calibrate.router import Router
 from .errors import UserError
 from .ffn import FFN, FFNNames, _decoder_layers, find_ffns, model_fingerprint
-from .masking import prefix_mask
 
 FORMAT = "sparse-ffn/experts"
 VERSION = 1
@@ -112,82 +112,31 @@ def router_owner(roles: Iterable[str], router: str) -> str:
 # The routed module and its usage counts
 # ------------------------------------------------------------------------------------------------
 
-class ExpertUsageStats:
-    """Tokens per expert, per (layer, router), over committed (real) tokens only.
+class ExpertUsageStats(TokenCounter):
+    """Tokens per expert, per (layer, router), over committed (real) tokens only: the protocol of
+    `counting.TokenCounter`, as for `masking.SparsityStats` (so the lm-eval adapter drives both alike).
+    Slot = (layer, router), width K (the router's clusters); the values recorded are cluster indices."""
 
-    Same protocol as `masking.SparsityStats` (so the lm-eval adapter drives both alike): every forward
-    leaves per-position cluster indices (batch, seq) as pending; "auto" mode commits the positions the
-    attention mask marks real at the end of the forward (all when there is no mask); "rows" mode
-    commits the prefix lengths given with `mark_row` at the next `flush`. `enabled = False` drops
-    everything (auto-batch-size probes). Counts stay on the device until read.
-    """
-
-    def __init__(self) -> None:
-        self.mode: Literal["auto", "rows"] = "auto"
-        self.enabled = True
-        self.slots: dict[tuple[int, str], int] = {}  # (layer, router) -> K
-        self.reset()
+    @property
+    def slots(self) -> dict[tuple[int, str], int]:
+        """(layer, router) -> K."""
+        return self.widths
 
     def add_slot(self, layer: int, router: str, k: int) -> None:
-        self.slots[(layer, router)] = k
-        self._counts.setdefault((layer, router), 0)
+        self.declare((layer, router), k)
 
-    def reset(self) -> None:
-        self._counts: dict[tuple[int, str], Tensor | int] = {s: 0 for s in self.slots}
-        self._tokens: Tensor | int = 0
-        self._pending: dict[tuple[int, str], Tensor] = {}
-        self._valid: Tensor | None = None
-        self._shape: tuple[int, ...] | None = None
-        self._rows: list[int] = []
+    def record(self, layer: int, router: str, clusters: Tensor) -> None:  # type: ignore[override]
+        super().record((layer, router), clusters)
 
-    # -- called by the hooks ---------------------------------------------------------------------
-    def begin_forward(self, valid: Tensor | None, shape: tuple[int, ...] | None = None) -> None:
-        self.flush()
-        self._valid, self._shape = valid, shape
-
-    def record(self, layer: int, router: str, clusters: Tensor) -> None:
-        if not self.enabled:
-            return
-        if self._shape is not None and clusters.dim() != len(self._shape) and clusters.numel() == math.prod(self._shape):
-            clusters = clusters.reshape(self._shape)  # layouts that flatten (batch, seq), e.g. OPT
-        self._pending[(layer, router)] = clusters
-
-    def end_forward(self) -> None:
-        if self.mode == "auto":
-            self._commit(self._valid)
-
-    # -- called by the evaluation loop -----------------------------------------------------------
-    def mark_row(self, length: int) -> None:
-        self._rows.append(length)
-
-    def flush(self) -> None:
-        if self.mode == "rows" and self._rows and self._pending:
-            ref = next(iter(self._pending.values()))
-            ref = ref if ref.dim() >= 2 else ref[None]
-            self._commit(prefix_mask(self._rows, ref), tokens=sum(self._rows))
-        self._pending, self._rows, self._valid = {}, [], None
-
-    def _commit(self, valid: Tensor | None, tokens: int | None = None) -> None:
-        ref = None
-        for slot, clusters in self._pending.items():
-            ref = clusters
-            if valid is not None:
-                c = clusters if clusters.dim() >= 2 else clusters[None]
-                clusters = c[valid.to(c.device)]
-            counts = torch.bincount(clusters.reshape(-1), minlength=self.slots[slot])
-            self._counts[slot] = self._counts[slot] + counts
-        if ref is not None:
-            if tokens is None:
-                tokens = ref.numel() if valid is None else valid.sum(dtype=torch.int64)
-            self._tokens = self._tokens + tokens
-        self._pending = {}
+    def _tally(self, slot: tuple[int, str], values: Tensor, weight: Tensor | None) -> Tensor:
+        flat = values.reshape(-1).long()
+        add = torch.ones_like(flat) if weight is None else weight.reshape(-1)
+        return torch.zeros(self.widths[slot], dtype=torch.int64, device=flat.device).scatter_add_(0, flat, add)
 
     # -- reading ---------------------------------------------------------------------------------
     def counts(self) -> tuple[dict[tuple[int, str], list[int]], int]:
-        self.flush()
-        out = {s: ([0] * k if isinstance(self._counts[s], int) else [int(x) for x in self._counts[s].tolist()])
-               for s, k in self.slots.items()}
-        return out, int(self._tokens)
+        """({(layer, router): tokens per expert}, tokens counted), as Python ints."""
+        return self.totals()
 
     def summary(self) -> dict:
         """{"tokens", "per_layer": [{"layer", "<router>": [tokens per expert]}], "balance": mean over
@@ -289,17 +238,7 @@ class ExpertsHandle:
         self.layers = layers  # the decoder layers: where each FFN's linears are looked up
 
         def begin(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            if ids is None:
-                ids = kwargs.get("inputs_embeds")
-                shape = tuple(ids.shape[:-1]) if ids is not None else None
-            else:
-                shape = tuple(ids.shape)
-            mask = kwargs.get("attention_mask")
-            valid = None
-            if mask is not None and shape is not None and mask.dim() == 2 and len(shape) == 2:
-                valid = mask[:, -shape[1]:].bool()
-            self.stats.begin_forward(valid, shape)
+            self.stats.begin_forward(*forward_inputs(args, kwargs))
 
         self._hooks = [model.register_forward_pre_hook(begin, with_kwargs=True),
                        model.register_forward_hook(lambda m, a, o: self.stats.end_forward())]
@@ -531,6 +470,9 @@ def install_layer(handle: ExpertsHandle, ffn: FFN, routers: dict[str, Router],
             raise UserError(f"{where}: {role} experts are {tuple(experts[role].shape[1:])}, the model's "
                             f"linear is {tuple(w.shape)}")
     device = linear_weight(ffn.down).device
+    if device.type == "meta":
+        raise UserError(f"{where}: the model's FFN weights are offloaded (meta device); experts need them in "
+                        f"memory: load the model without offloading (a device_map over real devices)")
     routers = {k: r.to(device) for k, r in routers.items()}
     handle.install(ffn, routers, experts)
 

@@ -74,7 +74,8 @@ class FFN:
     def down_weight(self) -> torch.Tensor:
         """W_down as (d_model, d_ff), whatever the module type (GPT-2's Conv1D stores it transposed)."""
         down = getattr(self.down, "base_layer", self.down)  # PEFT/LoRA wrapper -> the frozen base linear
-        return down.weight.t() if _is_conv1d(down) else down.weight
+        w = module_weight(down)
+        return w.t() if _is_conv1d(down) else w
 
     @property
     def d_ff(self) -> int:
@@ -83,6 +84,24 @@ class FFN:
     def down_column_norms(self) -> torch.Tensor:
         """||W_down[:, i]||_2 for every neuron i, float32, shape (d_ff,), on the weight's device."""
         return self.down_weight().detach().float().norm(dim=0)
+
+
+def module_weight(module: nn.Module, name: str = "weight") -> torch.Tensor:
+    """`module.<name>`, or, where accelerate offloads it (the module holds a "meta" placeholder until
+    its forward), the real tensor from the offload hook's weights map (CPU memory or a disk memmap)."""
+    w = getattr(module, name)
+    if w.device.type != "meta":
+        return w
+    hook = getattr(module, "_hf_hook", None)
+    for h in getattr(hook, "hooks", [hook]):  # a SequentialHook holds several
+        weights_map = getattr(h, "weights_map", None)
+        if weights_map is not None:
+            try:
+                return weights_map[name]
+            except KeyError:
+                pass
+    raise UserError(f"{type(module).__name__}.{name} is on the meta device and no offload map holds it "
+                    f"(load the model's weights first)")
 
 
 def _is_conv1d(module: nn.Module) -> bool:

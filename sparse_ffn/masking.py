@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from .counting import TokenCounter, forward_inputs, prefix_mask  # noqa: F401 - prefix_mask re-exported
 from .errors import UserError
 from .ffn import FFN, FFNNames, find_ffns
 
@@ -49,98 +50,25 @@ class SparsityConfig:
                 raise UserError(f"thresholds: {bad[0]!r} is not a finite number >= 0")
 
 
-def prefix_mask(lengths: list[int], like: torch.Tensor) -> torch.Tensor:
-    """Bool (batch, seq) on `like`'s device: row r is True on its first lengths[r] positions; rows
-    beyond len(lengths) are all False."""
-    positions = torch.arange(like.shape[1], device=like.device)
-    valid = torch.zeros(like.shape[:2], dtype=torch.bool, device=like.device)
-    valid[: len(lengths)] = positions[None, :] < torch.tensor(lengths, device=like.device)[:, None]
-    return valid
-
-
-class SparsityStats:
-    """Inactive (token, neuron) counts per layer, over committed tokens only.
-
-    Each forward pass leaves per-position counts (batch, seq) per layer as *pending*. In "auto" mode
-    they are committed at the end of the forward for the positions the attention mask marks real
-    (all positions when there is no mask). In "rows" mode the caller names the real prefix length of
-    each batch row with `mark_row`; rows never marked (padding, auto-batch-size probes) are dropped.
-    Counts stay on the device (no host sync per forward) until `summary()`.
-    """
+class SparsityStats(TokenCounter):
+    """Inactive (token, neuron) counts per layer, over committed tokens only (the protocol of
+    `counting.TokenCounter`: "auto" commits the attention mask's real positions at the end of each
+    forward; "rows" commits the prefixes named with `mark_row`). Slot = layer, width 1."""
 
     def __init__(self, d_ff: list[int]) -> None:
+        super().__init__()
         self.d_ff = d_ff  # per layer
-        self.mode: Literal["auto", "rows"] = "auto"
-        self.enabled = True
-        self.reset()
+        for layer in range(len(d_ff)):
+            self.declare(layer, 1)
 
-    def reset(self) -> None:
-        n = len(self.d_ff)
-        self._inactive: list[torch.Tensor | int] = [0] * n
-        self._tokens: torch.Tensor | int = 0
-        self._pending: list[torch.Tensor | None] = [None] * n
-        self._valid: torch.Tensor | None = None
-        self._rows: list[int] = []
-
-    # -- called by the hooks ---------------------------------------------------------------
-    def begin_forward(self, valid: torch.Tensor | None) -> None:
-        self.flush()
-        self._valid = valid
-
-    def record(self, layer: int, inactive_per_position: torch.Tensor) -> None:
-        if self.enabled:
-            self._pending[layer] = inactive_per_position
-
-    def end_forward(self) -> None:
-        if self.mode == "auto":
-            self._commit(self._valid)
-
-    # -- called by the evaluation loop -----------------------------------------------------
-    def mark_row(self, length: int) -> None:
-        """The next batch row of the last forward has `length` real tokens (rows mode)."""
-        self._rows.append(length)
-
-    def flush(self) -> None:
-        """Commit marked rows of the last forward (rows mode) and drop everything else pending."""
-        if self.mode == "rows" and self._rows:
-            ref = next((p for p in self._pending if p is not None), None)
-            if ref is not None:
-                self._commit(prefix_mask(self._rows, ref), tokens=sum(self._rows))
-        self._pending = [None] * len(self._pending)
-        self._rows = []
-        self._valid = None
-
-    def _commit(self, valid: torch.Tensor | None, tokens: int | None = None) -> None:
-        ref = None
-        for layer, counts in enumerate(self._pending):
-            if counts is None:
-                continue
-            ref = counts
-            if valid is not None:
-                if counts.shape != valid.shape and counts.numel() == valid.numel():
-                    counts = counts.reshape(valid.shape)  # layouts that flatten (batch, seq), e.g. OPT
-                counts = counts * valid.to(counts.device)
-            self._inactive[layer] = self._inactive[layer] + counts.sum(dtype=torch.int64)
-        if ref is not None:
-            if tokens is None:
-                tokens = ref.numel() if valid is None else valid.sum(dtype=torch.int64)
-            self._tokens = self._tokens + tokens
-        self._pending = [None] * len(self._pending)
-
-    def checkpoint(self) -> tuple:
-        """The committed counts, to `restore` if the work that follows fails half-way."""
-        self.flush()
-        return list(self._inactive), self._tokens
-
-    def restore(self, saved: tuple) -> None:
-        self.flush()
-        self._inactive, self._tokens = list(saved[0]), saved[1]
+    def _tally(self, slot: int, values: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        return (values if weight is None else values * weight).sum(dtype=torch.int64)
 
     # -- reading -----------------------------------------------------------------------------
     def counts(self) -> tuple[list[int], int]:
         """(inactive count per layer, tokens counted), as Python ints."""
-        self.flush()
-        return [int(x) for x in self._inactive], int(self._tokens)
+        totals, tokens = self.totals()
+        return [totals[layer][0] for layer in range(len(self.d_ff))], tokens
 
     def summary(self) -> dict:
         """{"tokens", "mean", "per_layer"}: sparsity = inactive / (tokens * d_ff); mean over layers."""
@@ -166,13 +94,14 @@ class SparsityHandle:
             del self.model._sparse_ffn_handle
 
 
-def _per_device(make: callable) -> callable:
-    """Cache a tensor per device (layers of a dispatched model may sit on several devices)."""
-    cache: dict[torch.device, torch.Tensor] = {}
+def _per_device(value: torch.Tensor) -> callable:
+    """`get(device)`: `value` on that device, copied once per device (the layers of a dispatched model
+    may sit on several devices, or be offloaded and run on another)."""
+    cache: dict[torch.device, torch.Tensor] = {value.device: value}
 
     def get(device: torch.device) -> torch.Tensor:
         if device not in cache:
-            cache[device] = make().to(device)
+            cache[device] = value.to(device)
         return cache[device]
 
     return get
@@ -232,13 +161,6 @@ def _topk_hook(stats: SparsityStats, layer: int, ratio: float):
     return hook
 
 
-def _input_positions(args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    ids = kwargs.get("input_ids", args[0] if args else None)
-    if ids is None:
-        ids = kwargs.get("inputs_embeds")
-    return ids, kwargs.get("attention_mask")
-
-
 def sparsify_(model: nn.Module, config: SparsityConfig, names: FFNNames | None = None) -> SparsityHandle:
     """Install `config`'s masking on every FFN of `model` (in place); returns the handle to read/remove.
 
@@ -261,8 +183,8 @@ def sparsify_(model: nn.Module, config: SparsityConfig, names: FFNNames | None =
         if config.strategy == "dense":
             hooks.append(f.down.register_forward_pre_hook(_dense_hook(stats, f.layer)))
         elif config.strategy == "cett":
-            t = config.thresholds[f.layer]
-            tau = _per_device(lambda f=f, t=t: _below(t / f.down_column_norms()))
+            # tau from the real weights now: inside the hook an offloaded W_down is still on "meta"
+            tau = _per_device(_below(config.thresholds[f.layer] / f.down_column_norms()))
             hooks.append(f.down.register_forward_pre_hook(_cett_hook(stats, f.layer, tau)))
         elif config.strategy == "fat":
             hooks.append(f.act.register_forward_hook(_fat_hook(stats, f.layer, config.arg)))
@@ -270,11 +192,7 @@ def sparsify_(model: nn.Module, config: SparsityConfig, names: FFNNames | None =
             hooks.append(f.act.register_forward_hook(_topk_hook(stats, f.layer, config.arg)))
 
     def begin(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        ids, mask = _input_positions(args, kwargs)
-        valid = None
-        if mask is not None and ids is not None and mask.dim() == 2:
-            valid = mask[:, -ids.shape[1]:].bool()
-        stats.begin_forward(valid)
+        stats.begin_forward(*forward_inputs(args, kwargs))
 
     hooks.append(model.register_forward_pre_hook(begin, with_kwargs=True))
     hooks.append(model.register_forward_hook(lambda m, a, o: stats.end_forward()))

@@ -13,11 +13,15 @@ from torch import nn
 
 
 def model_device(model: nn.Module) -> torch.device:
-    """Where the model's inputs go: its input embeddings' device (first parameter otherwise)."""
+    """Where the model's inputs go: its input embeddings' device (first parameter otherwise); for
+    weights that accelerate offloads ("meta" until used), the device they run on."""
     try:
         emb = model.get_input_embeddings()
         if emb is not None and getattr(emb, "weight", None) is not None:
-            return emb.weight.device
+            device = emb.weight.device
+            if device.type == "meta":
+                device = torch.device(getattr(getattr(emb, "_hf_hook", None), "execution_device", None) or "cpu")
+            return device
     except (AttributeError, NotImplementedError):
         pass
     return next(model.parameters()).device

@@ -95,3 +95,19 @@ def make_tiny_model(arch: str, out_dir: Path, seed: int = 0, **overrides: Any) -
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(out_dir)
     return out_dir
+
+
+def make_tiny_experts(model_dir: Path, out: Path, num_clusters: int = 2) -> Path:
+    """Calibrate a Sparse Expansion experts directory (50% sparse, `num_clusters` experts per linear) for a
+    tiny model on 6 windows of 32 tokens of `CORPUS` (about a second); returns its path."""
+    from transformers import AutoTokenizer
+
+    from sparse_ffn.calibrate.experts import ExpertsSettings, calibrate_experts
+    from sparse_ffn.data import token_windows
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    windows = token_windows(tok, CORPUS * 8, 32, 6 * 32)
+    settings = ExpertsSettings(num_clusters=num_clusters, sparsity=0.5, kmeans_restarts=2)
+    return calibrate_experts(model, windows, settings, out, batch_size=4, progress=False,
+                             model_info={"name_or_path": str(model_dir)}).path

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from . import calibrate_subparsers
+from .inspect_command import DEVICE_MAP_HELP
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 
@@ -52,7 +53,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     goal.add_argument("--cett", type=float, metavar="C", help="fixed CETT value c in [0, 1]")
     p.add_argument("--eval-data", help="held-out text (same forms as --data): also report its PPL ratio")
     p.add_argument("--eval-tokens", type=int, help="tokens of --eval-data (default: as many as --tokens)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    place = p.add_mutually_exclusive_group()
+    place.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    place.add_argument("--device-map", metavar="SPEC", help=DEVICE_MAP_HELP)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="model dtype (default float32)")
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
@@ -101,42 +104,22 @@ def _cmd_thresholds(args: argparse.Namespace, rest: list[str]) -> int:
         if eval_sha == sha:
             _log(f"warning: --eval-data {args.eval_data} is the calibration text itself (not held out)")
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from ..ffn import FFNNames
     from ..masking import SparsityConfig, sparsify_
     from ..perplexity import perplexity
     from .cett import calibrate_thresholds
+    from .inspect_command import load_model, load_tokenizer, parse_device_map, placement_text, torch_device
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise UserError(f"--model {args.model}: cannot load its tokenizer ({type(e).__name__}: "
-                        f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})") from None
+    device_map = parse_device_map(args.device_map)
+    tokenizer = load_tokenizer(model_dir)
     windows = token_windows(tokenizer, text, args.seq_len, args.tokens, where=args.data)
     eval_windows = None
     if eval_text is not None:
         eval_windows = token_windows(tokenizer, eval_text, args.seq_len, args.eval_tokens or args.tokens,
                                      where=args.eval_data)
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"--device {args.device}: not a torch device") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device}: CUDA is not available here")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype),
-                                                     local_files_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise UserError(f"--model {args.model}: cannot load the model ({type(e).__name__}: "
-                        f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})") from None
-    model = model.to(device).eval()
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    if max_pos and args.seq_len > max_pos:
-        raise UserError(f"--seq-len {args.seq_len}: longer than the model's max_position_embeddings {max_pos}")
+    device = torch_device(args.device)
+    model = load_model(model_dir, device, args.dtype, seq_len=args.seq_len, device_map=device_map)
 
     names = None
     given = {k: getattr(args, f"ffn_{k}") for k in ("layers", "down", "act", "gate", "up", "gate_up")}
@@ -145,7 +128,8 @@ def _cmd_thresholds(args: argparse.Namespace, rest: list[str]) -> int:
             raise UserError("--ffn-down is required when any --ffn-* module name is given")
         names = FFNNames(**given)
 
-    _log(f"calibrating on {windows.shape[0]} x {windows.shape[1]} tokens of {args.data} ({device}, {args.dtype})")
+    _log(f"calibrating on {windows.shape[0]} x {windows.shape[1]} tokens of {args.data} "
+         f"({placement_text(model, device)}, {args.dtype})")
     thr = calibrate_thresholds(
         model, windows, target_ppl_ratio=args.target_ppl_ratio, cett=args.cett, names=names,
         batch_size=args.batch_size, activation_dtype=args.activation_dtype, max_activation_memory=budget,

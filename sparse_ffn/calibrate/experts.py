@@ -33,6 +33,7 @@ from ..errors import UserError
 from ..expansion import (ROUTER_OF, ArtifactWriter, ExpertsHandle, check_plain_linear, install_layer, linear_weight,
                          load_layer_file, routed_roles)
 from ..ffn import FFN, FFNNames, _decoder_layers, find_ffns, model_fingerprint
+from ..perplexity import model_device
 from .router import Router, fit_pca, kmeans, project
 from .sparsegpt import SparseGPTError, sparsegpt_prune
 
@@ -316,7 +317,10 @@ def calibrate_experts(model: nn.Module, windows: Tensor, settings: ExpertsSettin
     tokens = n_windows * seq_len
     if settings.num_clusters > tokens:
         raise UserError(f"--num-clusters {settings.num_clusters}: more clusters than the {tokens} calibration tokens")
-    device = linear_weight(ffns[0].down).device
+    if any(linear_weight(getattr(f, r)).device.type == "meta" for f in ffns for r in routed_roles(f)):
+        raise UserError(f"{type(model).__name__}: FFN weights are offloaded (meta device); experts calibration "
+                        f"needs them in memory: place the model on real devices (no disk/CPU offload)")
+    device = model_device(model)  # where the inputs go; each layer is fitted on its own device
     dtype = linear_weight(ffns[0].down).dtype
     fingerprint = model_fingerprint(model, ffns)
     first = ffns[0]
@@ -359,10 +363,11 @@ def calibrate_experts(model: nn.Module, windows: Tensor, settings: ExpertsSettin
                 bar.set_postfix_str("dense pass")
                 x, a = _dense_pass(runner, ffn, hidden, tokens)
                 routers, experts, stats = {}, {}, {"routers": {}, "experts": {}}
+                layer_device = linear_weight(ffn.down).device
                 for rname, inp in (("in", x), ("down", a)):
                     bar.set_postfix_str(f"router {rname}")
-                    router, labels, rstats = fit_router(inp, settings, device)
-                    hessians = cluster_hessians(inp, labels, settings.num_clusters, device)
+                    router, labels, rstats = fit_router(inp, settings, layer_device)
+                    hessians = cluster_hessians(inp, labels, settings.num_clusters, layer_device)
                     rstats["tokens_per_cluster"] = [n for _, n in hessians]
                     routers[rname], stats["routers"][rname] = router, rstats
                     for role in routed_roles(ffn):

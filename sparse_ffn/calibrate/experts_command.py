@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from . import calibrate_subparsers
+from .inspect_command import DEVICE_MAP_HELP
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -36,7 +37,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--kmeans-restarts", type=int, default=4, metavar="R", help="k-means++ restarts (default 4)")
     p.add_argument("--kmeans-iters", type=int, default=100, metavar="I", help="max Lloyd iterations (default 100)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
+    place = p.add_mutually_exclusive_group()
+    place.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
+    place.add_argument("--device-map", metavar="SPEC", help=DEVICE_MAP_HELP + "; not with offloaded (disk) layers")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="model and expert dtype during calibration (default float32)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per layer call (default 8)")
@@ -69,28 +72,26 @@ def _cmd_calibrate_experts(args: argparse.Namespace, rest: list[str]) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise UserError(f"{out}: already exists (pass --overwrite to replace it)")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise UserError(f"--device {args.device}: not a torch device") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device}: CUDA is not available")
+    from .inspect_command import load_model, parse_device_map, torch_device
+
+    device, device_map = torch_device(args.device), parse_device_map(args.device_map)
     text, sha = load_text(args.data)
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
         raise UserError(f"--model {args.model}: not a local model directory (no config.json)")
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # keep stderr to our own lines (one line on a user error)
     try:
-        tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True,
-                                                     dtype=getattr(torch, args.dtype)).to(device).eval()
-    except (OSError, ValueError) as e:
-        raise UserError(f"--model {args.model}: cannot load ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        try:
+            tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise UserError(f"--model {args.model}: cannot load ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200]})") from None
+        model = load_model(model_dir, device, args.dtype, device_map=device_map)
     finally:
         if bar:
             hf_logging.enable_progress_bar()

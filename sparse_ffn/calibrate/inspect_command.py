@@ -105,24 +105,73 @@ def load_tokenizer(path: str | Path, flag: str = "--model") -> Any:
         raise UserError(f"{flag} {path}: cannot load its tokenizer ({_first_line(e)})") from None
 
 
+PLACEMENTS: tuple[str, ...] = ("auto", "balanced", "balanced_low_0", "sequential")
+DEVICE_MAP_HELP = ("spread the model over devices instead of --device: auto | balanced | balanced_low_0 | "
+                   "sequential (accelerate's placements over the visible GPUs, then CPU memory), or a JSON file "
+                   "{module name: device} (0, \"cuda:1\", \"cpu\", or \"disk\": offloaded to a temporary folder)")
+
+
+def parse_device_map(spec: str | None) -> str | dict | None:
+    """--device-map: a placement name, or the {module name: device} object of a JSON file (None: unset)."""
+    if spec is None or spec in PLACEMENTS:
+        return spec
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise UserError(f"--device-map {spec}: neither {', '.join(PLACEMENTS)} nor a JSON file")
+    try:
+        device_map = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"--device-map {spec}: not valid JSON ({_first_line(e)})") from None
+    if not isinstance(device_map, dict) or not device_map:
+        raise UserError(f"--device-map {spec}: must be a JSON object {{module name: device}}")
+    return device_map
+
+
+def _offload_folder() -> str:
+    """A temporary folder for "disk" entries of a device map, removed when the process exits."""
+    import atexit
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="sparse-ffn-offload-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
 def load_model(path: str | Path, device: torch.device, dtype: str = "float32", *, seq_len: int | None = None,
-               flag: str = "--model") -> nn.Module:
-    """A local Hugging Face causal LM directory -> model in eval mode on `device`; refuses a seq_len
-    beyond its max_position_embeddings. UserError naming `flag` on any failure."""
+               flag: str = "--model", device_map: str | dict | None = None) -> nn.Module:
+    """A local Hugging Face causal LM directory -> model in eval mode on `device`, or spread by accelerate
+    over `device_map` (see `parse_device_map`); refuses a seq_len beyond its max_position_embeddings.
+    UserError naming `flag` on any failure."""
     import torch
     from transformers import AutoModelForCausalLM
 
     path = Path(path).expanduser()
     if not path.is_dir():
         raise UserError(f"{flag} {path}: not a local model directory")
+    placement: dict[str, Any] = {}
+    if device_map is not None:
+        placement["device_map"] = device_map
+        if isinstance(device_map, dict) and "disk" in device_map.values():
+            placement["offload_folder"] = _offload_folder()
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), local_files_only=True,
+                                                     **placement)
     except Exception as e:  # noqa: BLE001
-        raise UserError(f"{flag} {path}: cannot load the model ({_first_line(e)})") from None
+        where = f" with --device-map {device_map}" if device_map is not None else ""
+        raise UserError(f"{flag} {path}: cannot load the model{where} ({_first_line(e)})") from None
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if seq_len is not None and max_pos and seq_len > max_pos:
         raise UserError(f"--seq-len {seq_len}: longer than the model's max_position_embeddings {max_pos} ({path})")
-    return model.to(device).eval()
+    return (model if device_map is not None else model.to(device)).eval()
+
+
+def placement_text(model: nn.Module, device: torch.device) -> str:
+    """Where the model sits, for a log line: the device, or the devices of its accelerate device map."""
+    device_map = getattr(model, "hf_device_map", None)
+    if not device_map or len(set(map(str, device_map.values()))) < 2:
+        return str(device) if not device_map else str(next(iter(device_map.values())))
+    return "spread over " + ", ".join(sorted(set(map(str, device_map.values()))))
 
 
 def data_record(spec: str, sha256: str, windows: Any) -> dict:
