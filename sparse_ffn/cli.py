@@ -47,8 +47,11 @@ def _cmd_tasks_write(args: argparse.Namespace, rest: list[str]) -> int:
 
 # Modules that add their own subcommands: each has `add_commands(subparsers)`, whose parsers set
 # `func(args, rest) -> int` as default. Imported lazily so `sparse-ffn --help` stays fast.
-COMMAND_MODULES: tuple[str, ...] = ("sparse_ffn.gate", "sparse_ffn.plugin.ultraeval_server", "sparse_ffn.calibrate.experts_command", "sparse_ffn.calibrate.command", "sparse_ffn.calibrate.inspect_command", "sparse_ffn.calibrate.sweep",
-                                   "sparse_ffn.ppl_command")
+COMMAND_MODULES: tuple[str, ...] = (
+    "sparse_ffn.gate", "sparse_ffn.plugin.ultraeval_server", "sparse_ffn.calibrate.experts_command",
+    "sparse_ffn.calibrate.command", "sparse_ffn.calibrate.inspect_command", "sparse_ffn.calibrate.sweep",
+    "sparse_ffn.ppl_command",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
