@@ -237,6 +237,9 @@ def report(args: argparse.Namespace, rows: list[dict], out_dir: Path) -> None:
     if dense:
         ax.axhline(dense[0]["perplexity"], color="gray", ls="--", label="dense")
     ax.set_xscale("log", base=2)
+    ks = sorted({r["K"] for r in rows if r["config"]})
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.minorticks_off()
     ax.set_xlabel("experts per linear K (1 = SparseGPT)")
     ax.set_ylabel("WikiText-2 perplexity (paper parity)")
     ax.set_title(f"Sparse Expansion, SmolLM2-135M ({w['windows']} x {args.eval_seq_len} test tokens)", fontsize=9)
