@@ -115,7 +115,7 @@ def main() -> None:
     p.add_argument("--calib", default=str(SHARED / "wikitext2_tokens" / "valid.txt"),
                    help="calibration text (default WikiText-2 valid; or c4_validation_sample/*.jsonl)")
     p.add_argument("--eval", default=str(SHARED / "wikitext2_raw" / "wiki.test.raw"))
-    p.add_argument("--run", action="append", metavar="SPARSITY[+BbitS]=K,...",
+    p.add_argument("--run", action="append", metavar="SPARSITY[+Bbit]=K,...",
                    help="models to calibrate, in this order, e.g. 0.5=1,2,4,8,16 or 2:4+4bit=1,16 (repeatable; "
                         "default 0.5=1,2,4,8,16)")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows")

@@ -51,7 +51,7 @@ def paper_perplexity(model: str | os.PathLike | None, data: str | os.PathLike, s
     manifest, calibration_data_sha256, settings}), sparsity (with thresholds: {mean, activation_ratio,
     per_layer, tokens}), expert_usage (with experts: {tokens, balance}), sparse_ffn_version.
     """
-    from ..data import load_text
+    from ..data import load_text, token_windows
     from ..model_adapters.sparsity_setup import resolve_sparsity
 
     if experts is not None and thresholds is not None:
@@ -66,11 +66,10 @@ def paper_perplexity(model: str | os.PathLike | None, data: str | os.PathLike, s
     setup = resolve_sparsity(thresholds, pretrained=None if model is None else os.fspath(model), ffn_args=ffn_args,
                              model_arg="--model PATH", experts=experts)
 
-    from ..data import token_windows
+    from transformers.utils import logging as hf_logging
+
     from ..perplexity import perplexity
     from ..plugin.ultraeval_server import context_length, load_model
-
-    from transformers.utils import logging as hf_logging
 
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # stderr keeps to our own lines (one line on a user error)
