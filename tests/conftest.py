@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tiny import make_tiny_model
+import torch
+
+from tiny import CORPUS, make_tiny_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -32,6 +34,30 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared eval data not found at {SHARED_DATA} (set SPARSE_FFN_DATA or put shared/ beside the checkout)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): tiny
+    matrices on a shared 2-core machine stall at OpenMP barriers (10x slower). Results do not depend on it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    """A tiny Llama whose perplexity reacts to FFN masking (initializer_range 0.1)."""
+    return make_tiny_model("llama", tmp_path_factory.mktemp("tiny_llama_reactive"), initializer_range=0.1)
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory) -> Path:
+    """A small English text file (tiny.CORPUS repeated), for calibration and evaluation."""
+    path = tmp_path_factory.mktemp("text") / "corpus.txt"
+    path.write_text(CORPUS * 30)
+    return path
 
 
 @pytest.fixture(scope="session")

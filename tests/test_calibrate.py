@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import BIN, subprocess_env
-from tiny import CORPUS, make_tiny_model
+from tiny import CORPUS
 
 from sparse_ffn import threshold_file
 from sparse_ffn.calibrate.cett import (LayerSearch, calibrate_thresholds, candidate_grid, cett, collect_activations,
@@ -25,33 +25,13 @@ from sparse_ffn.ffn import find_ffns, model_fingerprint
 from sparse_ffn.masking import SparsityConfig, sparsify_
 from sparse_ffn.perplexity import perplexity
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SEQ_LEN = 64
 TOKENS = 1024
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: the test machine is shared, and two threads on one free core stall each
-    small op at OpenMP barriers (10x slower). Results do not depend on it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-# -- fixtures: a tiny Llama whose perplexity reacts to FFN masking (initializer_range 0.1) -----------
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return make_tiny_model("llama", tmp_path_factory.mktemp("tiny_llama_calib"), initializer_range=0.1)
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("text") / "calib.txt"
-    path.write_text(CORPUS * 30)
-    return path
-
+# -- fixtures: conftest's model_dir (a tiny Llama whose perplexity reacts to FFN masking), text_file --
 
 @pytest.fixture(scope="module")
 def model_and_windows(model_dir, text_file):

@@ -18,15 +18,10 @@ from sparse_ffn.expansion import ExpertLinear, apply_experts_, decode_weight, en
 from sparse_ffn.ffn import find_ffns
 from tiny import ARCHS, CORPUS, make_tiny_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: with 2 threads on a busy 2-core machine, OpenMP waits cost 10x the work."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
 
 
 # ------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import BIN, subprocess_env
-from tiny import CORPUS, make_tiny_model
+from tiny import make_tiny_model
 
 from sparse_ffn import __version__
 from sparse_ffn.calibrate.cett import calibrate_thresholds
@@ -24,30 +24,12 @@ from sparse_ffn.errors import UserError
 from sparse_ffn.masking import SparsityConfig, sparsify_
 from sparse_ffn.perplexity import perplexity
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SEQ_LEN = 64
 TOKENS = 1024
 D_FF = 128
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return make_tiny_model("llama", tmp_path_factory.mktemp("tiny_llama_inspect"), initializer_range=0.1)
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("text") / "eval.txt"
-    path.write_text(CORPUS * 30)
-    return path
 
 
 def _load(path: Path):

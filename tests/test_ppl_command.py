@@ -16,16 +16,11 @@ from sparse_ffn.perplexity import perplexity
 from sparse_ffn.tasks.paper_ppl import METRIC
 from tiny import CORPUS, make_tiny_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SEQ = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: with 2 threads on a busy 2-core machine, OpenMP waits cost 10x the work."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
