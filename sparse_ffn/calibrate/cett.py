@@ -782,6 +782,16 @@ def _steer_beta(steer: _Bracket, aim: float) -> float | None:
     return beta if 0 < beta < 50 else None
 
 
+def check_target(target_ppl_ratio: float | None, cett: float | None) -> None:
+    """UserError unless exactly one is given: a PPL ratio target r > 1, or a fixed CETT c in [0, 1]."""
+    if (target_ppl_ratio is None) == (cett is None):
+        raise UserError("give exactly one of --target-ppl-ratio and --cett")
+    if target_ppl_ratio is not None and not (math.isfinite(target_ppl_ratio) and target_ppl_ratio > 1):
+        raise UserError(f"--target-ppl-ratio {target_ppl_ratio:g}: must be > 1 (e.g. 1.01 for PPL-1%)")
+    if cett is not None and not (math.isfinite(cett) and 0 <= cett <= 1):
+        raise UserError(f"--cett {cett:g}: must be in [0, 1]")
+
+
 def calibrate_thresholds(model: nn.Module, windows: Tensor, target_ppl_ratio: float | None = None,
                          cett: float | None = None, *, names: FFNNames | None = None, batch_size: int = 4,
                          activation_dtype: torch.dtype | str = torch.float32,
@@ -819,12 +829,7 @@ def calibrate_thresholds(model: nn.Module, windows: Tensor, target_ppl_ratio: fl
     0/None: no steering).
     Errors (UserError): both/neither of target/cett, r <= 1, c outside [0, 1], no FFNs, no tokens.
     """
-    if (target_ppl_ratio is None) == (cett is None):
-        raise UserError("give exactly one of --target-ppl-ratio and --cett")
-    if target_ppl_ratio is not None and not (math.isfinite(target_ppl_ratio) and target_ppl_ratio > 1):
-        raise UserError(f"--target-ppl-ratio {target_ppl_ratio:g}: must be > 1 (e.g. 1.01 for PPL-1%)")
-    if cett is not None and not (math.isfinite(cett) and 0 <= cett <= 1):
-        raise UserError(f"--cett {cett:g}: must be in [0, 1]")
+    check_target(target_ppl_ratio, cett)
     if windows.dim() != 2 or windows.shape[0] < 1 or windows.shape[1] < 2:
         raise UserError(f"too little data: need at least one window of >= 2 tokens, got {tuple(windows.shape)}")
     if isinstance(activation_dtype, str):

@@ -158,14 +158,9 @@ def sweep_checkpoints(checkpoints: Sequence[Checkpoint], load: Callable[[Path], 
     [0, 1]. max_activation_memory: bytes for all held checkpoints' activations together (None: no cap).
     """
     from ..ffn import find_ffns
-    from .cett import C_TOL, _Calibrator, _search
+    from .cett import C_TOL, _Calibrator, _search, check_target
 
-    if (target_ppl_ratio is None) == (cett is None):
-        raise UserError("give exactly one of --target-ppl-ratio and --cett")
-    if target_ppl_ratio is not None and not (math.isfinite(target_ppl_ratio) and target_ppl_ratio > 1):
-        raise UserError(f"--target-ppl-ratio {target_ppl_ratio:g}: must be > 1 (e.g. 1.01 for PPL-1%)")
-    if cett is not None and not (math.isfinite(cett) and 0 <= cett <= 1):
-        raise UserError(f"--cett {cett:g}: must be in [0, 1]")
+    check_target(target_ppl_ratio, cett)
     if not checkpoints:
         raise UserError("--checkpoints: none given")
     if last < 1:
