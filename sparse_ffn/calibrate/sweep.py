@@ -21,7 +21,6 @@ import argparse
 import csv
 import io
 import json
-import math
 import re
 import time
 from dataclasses import dataclass, field
