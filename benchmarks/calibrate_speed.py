@@ -54,9 +54,11 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sparse_ffn.calibrate.cett import LayerSearch, calibrate_thresholds, reference_calibrate
-    from sparse_ffn.data import load_text, token_windows
-    from sparse_ffn.ffn import find_ffns
+    from sparse_ffn.calibrate.layer_search import LayerSearch
+    from sparse_ffn.calibrate.thresholds import calibrate_thresholds
+    from sparse_ffn.calibrate.reference import reference_calibrate
+    from sparse_ffn.artifacts.data import load_text, token_windows
+    from sparse_ffn.core.ffn import find_ffns
 
     if args.threads:
         torch.set_num_threads(args.threads)

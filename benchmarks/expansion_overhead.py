@@ -60,12 +60,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sparse_ffn.data import load_text, token_windows
-    from sparse_ffn.expansion import apply_experts_
-    from sparse_ffn.perplexity import perplexity
+    from sparse_ffn.artifacts.data import load_text, token_windows
+    from sparse_ffn.artifacts.experts import apply_experts_
+    from sparse_ffn.core.perplexity import perplexity
 
     if not args.model:
-        from sparse_ffn.model_zoo import fetch_model
+        from sparse_ffn.model_adapters.model_zoo import fetch_model
 
         args.model = str(fetch_model("smollm2-135m"))
     experts = Path(args.experts) if args.experts else None

@@ -94,7 +94,7 @@ def evaluate(args: argparse.Namespace, experts: Path | None, cache: Path) -> dic
     """Paper-parity perplexity of the dense model or `experts` on the first --eval-windows test windows."""
     if cache.is_file():
         return json.loads(cache.read_text())
-    from sparse_ffn.atomic import atomic_write_json
+    from sparse_ffn.artifacts.atomic import atomic_write_json
     from sparse_ffn.tasks.paper_ppl import paper_perplexity
 
     tokens = args.eval_windows * args.eval_seq_len if args.eval_windows else None
@@ -141,7 +141,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.model:
-        from sparse_ffn.model_zoo import fetch_model
+        from sparse_ffn.model_adapters.model_zoo import fetch_model
 
         args.model = str(fetch_model("smollm2-135m"))
     configs = parse_runs(args.run or ["0.5=1,2,4,8,16"])
@@ -184,7 +184,7 @@ def main() -> None:
 
 def report(args: argparse.Namespace, rows: list[dict], out_dir: Path) -> None:
     """Print the markdown table (also table.md), write results.json and the PNG."""
-    from sparse_ffn.atomic import atomic_write_bytes, atomic_write_json
+    from sparse_ffn.artifacts.atomic import atomic_write_bytes, atomic_write_json
 
     if not rows:
         print("nothing evaluated yet", file=sys.stderr)

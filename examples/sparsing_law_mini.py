@@ -94,9 +94,9 @@ def run(data: Path, out_dir: Path, *, steps: int = 1000, save_every: int = 50, s
     combined PNG/JSON; returns the summary (also written to sparsing_law_mini.json)."""
     from transformers import AutoModelForCausalLM
 
-    from sparse_ffn.atomic import atomic_write_bytes, atomic_write_json
+    from sparse_ffn.artifacts.atomic import atomic_write_bytes, atomic_write_json
     from sparse_ffn.calibrate.sweep import render_curves, resolve_checkpoints, sweep_checkpoints, write_outputs
-    from sparse_ffn.data import load_text, token_windows
+    from sparse_ffn.artifacts.data import load_text, token_windows
 
     text, sha = load_text(str(data))
     cut = int(len(text) * 0.9)

@@ -68,7 +68,7 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct as a safetensors directory (`sparse-ffn models fetch`, cached)."""
-    from sparse_ffn.model_zoo import FetchError, fetch_model
+    from sparse_ffn.model_adapters.model_zoo import FetchError, fetch_model
 
     try:
         return fetch_model("smollm2-135m")

@@ -70,7 +70,7 @@ def test_bfloat16_and_fat(tiny_llama_dir):
 
 
 def test_pretrained_from_thresholds_file_and_arg_errors(tiny_llama_dir, tmp_path):
-    from sparse_ffn.threshold_file import ThresholdFile
+    from sparse_ffn.artifacts.thresholds import ThresholdFile
 
     path = ThresholdFile(thresholds=[0.0] * 3, model={"name_or_path": str(tiny_llama_dir)}).save(tmp_path / "t.json")
     sp = SparseFFNLM(thresholds=str(path), device="cpu", max_length=64)

@@ -16,14 +16,17 @@ import torch
 from conftest import BIN, subprocess_env
 from tiny import CORPUS
 
-from sparse_ffn import threshold_file
-from sparse_ffn.calibrate.cett import (LayerSearch, calibrate_thresholds, candidate_grid, cett, collect_activations,
-                                       layer_threshold, quantile, reference_calibrate, reference_layer_threshold)
-from sparse_ffn.data import load_text, token_windows
+from sparse_ffn.artifacts import thresholds as threshold_file
+from sparse_ffn.calibrate.layer_search import LayerSearch, layer_threshold
+from sparse_ffn.calibrate.thresholds import calibrate_thresholds
+from sparse_ffn.calibrate.cett_kernels import candidate_grid, cett, quantile
+from sparse_ffn.calibrate.activations import collect_activations
+from sparse_ffn.calibrate.reference import reference_calibrate, reference_layer_threshold
+from sparse_ffn.artifacts.data import load_text, token_windows
 from sparse_ffn.errors import UserError
-from sparse_ffn.ffn import find_ffns, model_fingerprint
-from sparse_ffn.masking import SparsityConfig, sparsify_
-from sparse_ffn.perplexity import perplexity
+from sparse_ffn.core.ffn import find_ffns, model_fingerprint
+from sparse_ffn.core.masking import SparsityConfig, sparsify_
+from sparse_ffn.core.perplexity import perplexity
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -202,7 +205,7 @@ def reference_bisection(curve, target, tol=1e-3):
 @pytest.mark.parametrize("curve", [lambda c: 1 + 0.8 * c ** 1.6, lambda c: 1 + 0.05 * c,
                                    lambda c: math.exp(3 * c ** 2)])
 def test_outer_search_is_quick_and_lands_where_bisection_does(curve):
-    from sparse_ffn.calibrate.cett import _search
+    from sparse_ffn.calibrate.ppl_search import search_c as _search
 
     for target in (1.01, 1.002, 1.03):
         cal = FakeCalibration(curve)
@@ -214,7 +217,7 @@ def test_outer_search_is_quick_and_lands_where_bisection_does(curve):
 
 
 def test_unreachable_target_is_refused():
-    from sparse_ffn.calibrate.cett import _search
+    from sparse_ffn.calibrate.ppl_search import search_c as _search
 
     cal = FakeCalibration(lambda c: 1 + 0.01 * c)  # any masking costs > 1e-6
     with pytest.raises(UserError, match="unreachable"):

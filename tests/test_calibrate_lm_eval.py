@@ -24,7 +24,7 @@ import yaml
 from conftest import BIN, run_lm_eval, subprocess_env
 from tiny import CORPUS, make_tiny_model
 
-from sparse_ffn import threshold_file
+from sparse_ffn.artifacts import thresholds as threshold_file
 
 SEQ_LEN = 128
 WINDOWS = 16

@@ -15,15 +15,15 @@ import torch
 import transformers
 
 from lm_eval.api.instance import Instance
-from sparse_ffn.calibrate.cett import calibrate_thresholds
+from sparse_ffn.calibrate.thresholds import calibrate_thresholds
 from sparse_ffn.calibrate.experts import ExpertsSettings, calibrate_experts
 from sparse_ffn.cli import main
 from sparse_ffn.errors import UserError
-from sparse_ffn.expansion import apply_experts_
-from sparse_ffn.ffn import find_ffns, model_fingerprint
-from sparse_ffn.masking import SparsityConfig, sparsify_
+from sparse_ffn.artifacts.experts import apply_experts_
+from sparse_ffn.core.ffn import find_ffns, model_fingerprint
+from sparse_ffn.core.masking import SparsityConfig, sparsify_
 from sparse_ffn.model_adapters.lm_eval_adapter import SparseFFNLM
-from sparse_ffn.threshold_file import load as load_thresholds
+from sparse_ffn.artifacts.thresholds import load as load_thresholds
 from tiny import CORPUS, make_tiny_experts
 
 THRESHOLDS = (2e-4, 2e-4, 2e-4)
@@ -88,7 +88,7 @@ def test_lm_eval_adapter_on_a_split_model(tiny_llama_dir, tmp_path):
 
 def test_calibrate_thresholds_on_a_split_model_equals_the_whole(tiny_llama_dir, tmp_path):
     tok = transformers.AutoTokenizer.from_pretrained(tiny_llama_dir)
-    from sparse_ffn.data import token_windows
+    from sparse_ffn.artifacts.data import token_windows
 
     windows = token_windows(tok, CORPUS * 4, 32, 4 * 32)
     files = [calibrate_thresholds(m, windows, cett=0.2, batch_size=2, progress=False)

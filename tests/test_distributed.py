@@ -18,9 +18,9 @@ import pytest
 import yaml
 
 from conftest import BIN, read_results, read_samples, run_lm_eval, subprocess_env
-from sparse_ffn.ffn import find_ffns, model_fingerprint
+from sparse_ffn.core.ffn import find_ffns, model_fingerprint
 from sparse_ffn.tasks.local import stock_tasks_dir
-from sparse_ffn.threshold_file import ThresholdFile
+from sparse_ffn.artifacts.thresholds import ThresholdFile
 from test_smollm2 import quantile_thresholds  # noqa: F401 - a fixture, shared
 from tiny import make_tiny_experts
 

@@ -10,12 +10,15 @@ import torch
 import transformers
 
 from sparse_ffn.calibrate.experts import ExpertsSettings, calibrate_experts, parse_sparsity
-from sparse_ffn.calibrate.router import Router, assign, fit_pca, kmeans
+from sparse_ffn.core.router import Router, assign
+from sparse_ffn.calibrate.router_fit import fit_pca, kmeans
 from sparse_ffn.calibrate.sparsegpt import SparseGPTError, sparsegpt_prune
 from sparse_ffn.cli import main
 from sparse_ffn.errors import UserError
-from sparse_ffn.expansion import ExpertLinear, apply_experts_, decode_weight, encode_weight, read_manifest
-from sparse_ffn.ffn import find_ffns
+from sparse_ffn.core.experts import ExpertLinear
+from sparse_ffn.artifacts.experts import apply_experts_, read_manifest
+from sparse_ffn.artifacts.expert_files import decode_weight, encode_weight
+from sparse_ffn.core.ffn import find_ffns
 from tiny import ARCHS, CORPUS, make_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -199,7 +202,7 @@ def load(path):
 
 
 def windows_for(tok, data, nsamples=6, seq_len=32):
-    from sparse_ffn.data import token_windows
+    from sparse_ffn.artifacts.data import token_windows
 
     return token_windows(tok, Path(data).read_text(), seq_len, nsamples * seq_len)
 
@@ -279,7 +282,7 @@ def test_calibration_is_byte_identical_and_resumes(tiny, monkeypatch):
     for f in files:
         assert (a.path / f).read_bytes() == (b.path / f).read_bytes()
     # a run killed after layer 1 resumes from layer 2 and ends with the same bytes
-    from sparse_ffn.expansion import ArtifactWriter
+    from sparse_ffn.artifacts.experts import ArtifactWriter
 
     real = ArtifactWriter.write_layer
 
@@ -334,7 +337,7 @@ def test_k1_is_sequential_sparsegpt_with_full_hessian(tiny):
     windows = windows_for(tok, data)
     ffns = find_ffns(model)
     m = read_manifest(res.path)
-    from sparse_ffn.expansion import load_layer_file
+    from sparse_ffn.artifacts.expert_files import load_layer_file
 
     for f in ffns:
         seen = {"x": [], "a": []}

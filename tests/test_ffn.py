@@ -5,8 +5,8 @@ import torch
 import transformers
 
 from sparse_ffn.errors import UserError
-from sparse_ffn.ffn import FFNNames, find_ffns
-from sparse_ffn.masking import SparsityConfig, sparsify_
+from sparse_ffn.core.ffn import FFNNames, find_ffns
+from sparse_ffn.core.masking import SparsityConfig, sparsify_
 from tiny import ARCHS, make_tiny_model
 
 GATED = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"}

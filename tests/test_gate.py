@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from conftest import BIN, read_results, subprocess_env
-from sparse_ffn.ffn import find_ffns, model_fingerprint
-from sparse_ffn.threshold_file import ThresholdFile
+from sparse_ffn.core.ffn import find_ffns, model_fingerprint
+from sparse_ffn.artifacts.thresholds import ThresholdFile
 
 TASKS = ("piqa_local", "arc_easy_local")
 
@@ -236,7 +236,7 @@ def test_ci_script_is_valid_bash():
 
 def test_markdown_and_budget_parsing_in_process():
     from sparse_ffn.errors import UserError
-    from sparse_ffn.gate import DEFAULT_MAX_DROP, Budgets, parse_max_drop
+    from sparse_ffn.analysis.gate import DEFAULT_MAX_DROP, Budgets, parse_max_drop
 
     assert parse_max_drop("acc=0.01, acc_norm=0.02") == {"acc": 0.01, "acc_norm": 0.02}
     assert parse_max_drop("") == {} and Budgets().drops == DEFAULT_MAX_DROP == {"acc": 0.01, "acc_norm": 0.01}

@@ -16,13 +16,13 @@ from conftest import BIN, subprocess_env
 from tiny import make_tiny_model
 
 from sparse_ffn import __version__
-from sparse_ffn.calibrate.cett import calibrate_thresholds
-from sparse_ffn.calibrate.inspect import format_table, inspect_sparsity
+from sparse_ffn.calibrate.thresholds import calibrate_thresholds
+from sparse_ffn.analysis.inspect import format_table, inspect_sparsity
 from sparse_ffn.calibrate.sweep import Checkpoint, parse_step, resolve_checkpoints, sweep_checkpoints
-from sparse_ffn.data import load_text, token_windows
+from sparse_ffn.artifacts.data import load_text, token_windows
 from sparse_ffn.errors import UserError
-from sparse_ffn.masking import SparsityConfig, sparsify_
-from sparse_ffn.perplexity import perplexity
+from sparse_ffn.core.masking import SparsityConfig, sparsify_
+from sparse_ffn.core.perplexity import perplexity
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,8 +8,8 @@ import subprocess
 import pytest
 
 from conftest import BIN, read_samples, run_lm_eval, subprocess_env
-from sparse_ffn.ffn import find_ffns, model_fingerprint
-from sparse_ffn.threshold_file import ThresholdFile
+from sparse_ffn.core.ffn import find_ffns, model_fingerprint
+from sparse_ffn.artifacts.thresholds import ThresholdFile
 
 TASKS = "piqa_local,arc_easy_local"
 

@@ -7,8 +7,8 @@ import torch
 import transformers
 
 from sparse_ffn.errors import UserError
-from sparse_ffn.ffn import find_ffns
-from sparse_ffn.masking import SparsityConfig, sparsify_
+from sparse_ffn.core.ffn import find_ffns
+from sparse_ffn.core.masking import SparsityConfig, sparsify_
 
 
 def tiny_llama(seed: int = 0, **overrides) -> torch.nn.Module:

@@ -11,8 +11,8 @@ import transformers
 
 from sparse_ffn.calibrate.experts import ExpertsSettings, calibrate_experts
 from sparse_ffn.cli import main
-from sparse_ffn.data import load_text, token_windows
-from sparse_ffn.perplexity import perplexity
+from sparse_ffn.artifacts.data import load_text, token_windows
+from sparse_ffn.core.perplexity import perplexity
 from sparse_ffn.tasks.paper_ppl import METRIC
 from tiny import CORPUS, make_tiny_model
 

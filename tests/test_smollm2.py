@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import read_samples, run_lm_eval
-from sparse_ffn.ffn import find_ffns, model_fingerprint
-from sparse_ffn.threshold_file import ThresholdFile
+from sparse_ffn.core.ffn import find_ffns, model_fingerprint
+from sparse_ffn.artifacts.thresholds import ThresholdFile
 
 pytestmark = pytest.mark.slow
 

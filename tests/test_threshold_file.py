@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from sparse_ffn import threshold_file
+from sparse_ffn.artifacts import thresholds as threshold_file
 from sparse_ffn.errors import UserError
 
 

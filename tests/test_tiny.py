@@ -1,4 +1,4 @@
-"""The tiny-model factory (tests/tiny.py) and sparse_ffn.model_zoo."""
+"""The tiny-model factory (tests/tiny.py) and sparse_ffn.model_adapters.model_zoo."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sparse_ffn import model_zoo
+from sparse_ffn.model_adapters import model_zoo
 from sparse_ffn.errors import UserError
 from tiny import ARCHS, SPECIAL_TOKENS, make_tiny_model, make_tokenizer
 
@@ -97,7 +97,7 @@ def _fake_finished(cache: Path) -> Path:
 
 def test_cached_model_is_returned_without_pip_or_torch(tmp_path: Path) -> None:
     target = _fake_finished(tmp_path)
-    code = ("import sys; from pathlib import Path; from sparse_ffn.model_zoo import fetch_model; "
+    code = ("import sys; from pathlib import Path; from sparse_ffn.model_adapters.model_zoo import fetch_model; "
             f"print(fetch_model('smollm2-135m', Path({str(tmp_path)!r}))); "
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
     env = {**os.environ, "SPARSE_FFN_NO_PLUGIN": "1"}  # the lm-eval start-up hook is not under test here

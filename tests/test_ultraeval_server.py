@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from conftest import BIN, subprocess_env
-from sparse_ffn.ffn import find_ffns, model_fingerprint
-from sparse_ffn.threshold_file import ThresholdFile
+from sparse_ffn.core.ffn import find_ffns, model_fingerprint
+from sparse_ffn.artifacts.thresholds import ThresholdFile
 
 THRESHOLD = 5e-4  # s_i = |a_i| * ||w_i|| is of order 1e-3 on the tiny random model: about half masked
 MAX_BODY = 64 * 1024
@@ -76,7 +76,8 @@ def thresholds_file(tiny_llama_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(thresholds_file):
     """The real server in a thread on a free loopback port; the model comes from the thresholds file."""
-    from sparse_ffn.plugin.ultraeval_server import create_app, make_server, server_url
+    from sparse_ffn.model_adapters.ultraeval_server import create_app
+    from sparse_ffn.model_adapters.wsgi_server import make_server, server_url
 
     app = create_app(None, thresholds=str(thresholds_file), dtype="float32", device="cpu", max_batch=3,
                      max_body_bytes=MAX_BODY)
@@ -312,7 +313,7 @@ def test_module_app_is_built_from_the_environment_lazily(tiny_llama_dir, monkeyp
 def test_gunicorn_hooks_give_each_worker_its_own_gpu(monkeypatch):
     from types import SimpleNamespace
 
-    from sparse_ffn.plugin.ultraeval_server import gunicorn_post_fork, gunicorn_pre_fork
+    from sparse_ffn.plugin.gunicorn import gunicorn_post_fork, gunicorn_pre_fork
 
     monkeypatch.setenv("SPARSE_FFN_GPUS", "0,1")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)  # restored after the test

@@ -103,7 +103,7 @@ def make_tiny_experts(model_dir: Path, out: Path, num_clusters: int = 2) -> Path
     from transformers import AutoTokenizer
 
     from sparse_ffn.calibrate.experts import ExpertsSettings, calibrate_experts
-    from sparse_ffn.data import token_windows
+    from sparse_ffn.artifacts.data import token_windows
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()

@@ -1,17 +1,9 @@
-"""Calibration: artifacts the adapters read (CETT threshold files, Sparse Expansion experts).
+"""Calibration: the artifacts the adapters read (CETT threshold files, Sparse Expansion experts).
 
-Light at import time: the CLI imports the command modules of this package to build its parser.
+- thresholds: `cett_kernels` (CETT definitions), `layer_search` (per-layer threshold search),
+  `activations` (dense activations by hooks), `calibrator` (one model's calibration state),
+  `ppl_search` (the PPL-k% search on c), `thresholds` (the orchestration), `reference` (the reference
+  procedure: an oracle for tests and benchmarks), `sweep` (checkpoint sweeps);
+- experts: `router_fit` (PCA, k-means), `sparsegpt`, `layer_runner` (decoder layers one at a time),
+  `experts` (Sparse Expansion calibration).
 """
-
-from __future__ import annotations
-
-import argparse
-
-
-def calibrate_subparsers(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
-    """The sub-commands of `sparse-ffn calibrate` (created by whichever command module comes first)."""
-    parser = subparsers.choices.get("calibrate")
-    if parser is None:
-        parser = subparsers.add_parser("calibrate", help="calibrate sparsity artifacts (thresholds, experts)")
-        return parser.add_subparsers(dest="calibrate_command", required=True)
-    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))

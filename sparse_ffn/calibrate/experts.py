@@ -29,13 +29,25 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
-from ..errors import UserError
-from ..expansion import (ROUTER_OF, ArtifactWriter, ExpertsHandle, check_plain_linear, install_layer, linear_weight,
-                         load_layer_file, routed_roles)
-from ..ffn import FFN, FFNNames, _decoder_layers, find_ffns, model_fingerprint
-from ..perplexity import model_device
-from .router import Router, fit_pca, kmeans, project
-from .sparsegpt import SparseGPTError, sparsegpt_prune
+from sparse_ffn.artifacts.expert_files import STORAGE_DOC, load_layer_file
+from sparse_ffn.artifacts.experts import ArtifactWriter
+from sparse_ffn.artifacts.provenance import peak_memory
+from sparse_ffn.core.experts import ROUTER_OF, ExpertsHandle, install_layer, routed_roles
+from sparse_ffn.core.ffn import (
+    FFN,
+    FFNNames,
+    check_plain_linear,
+    decoder_layers,
+    find_ffns,
+    linear_weight,
+    model_fingerprint,
+)
+from sparse_ffn.core.perplexity import model_device
+from sparse_ffn.core.router import Router, project
+from sparse_ffn.errors import UserError
+from sparse_ffn.calibrate.layer_runner import LayerRunner
+from sparse_ffn.calibrate.router_fit import fit_pca, kmeans
+from sparse_ffn.calibrate.sparsegpt import SparseGPTError, sparsegpt_prune
 
 HESSIAN_CHUNK_ROWS = 8192
 
@@ -105,90 +117,13 @@ def parse_sparsity(text: str) -> tuple[float | None, tuple[int, int] | None]:
 
 
 # ------------------------------------------------------------------------------------------------
-# Running decoder layers one at a time
-# ------------------------------------------------------------------------------------------------
-
-class _Stop(Exception):
-    pass
-
-
-class LayerRunner:
-    """Calls a model's decoder layers one at a time with the arguments the model itself passes them.
-
-    `capture(ids)` runs the model with every decoder layer replaced by a stub that records its
-    arguments (and stops at the last layer), giving layer 0's hidden-state input and, per layer, the
-    other positional and keyword arguments. Those depend only on the batch shape (no padding in
-    calibration windows), so they are kept per batch size. `run(l, h)` calls layer l on h.
-    """
-
-    def __init__(self, model: nn.Module, layers: nn.ModuleList) -> None:
-        self.model, self.layers = model, layers
-        self._calls: dict[int, list[tuple[bool, tuple, dict]]] = {}  # batch size -> per layer (positional?, args, kwargs)
-
-    def capture(self, ids: Tensor) -> Tensor:
-        """Layer 0's input for `ids` (batch, seq); records the per-layer arguments for this batch size."""
-        calls: list[Any] = [None] * len(self.layers)
-        last = len(self.layers) - 1
-
-        def stub(i: int):
-            def forward(*args: Any, **kwargs: Any) -> Any:
-                positional = bool(args)
-                hidden = args[0] if positional else kwargs.pop("hidden_states")
-                calls[i] = (positional, args[1:] if positional else (), kwargs, hidden)
-                if i == last:
-                    raise _Stop
-                return hidden
-            return forward
-
-        for i, layer in enumerate(self.layers):
-            layer.forward = stub(i)
-        try:
-            with torch.no_grad():
-                self.model(input_ids=ids, use_cache=False)
-        except _Stop:
-            pass
-        finally:
-            for layer in self.layers:
-                del layer.forward
-        if any(c is None for c in calls):
-            raise UserError(f"{type(self.model).__name__}: the model did not call every decoder layer once "
-                            f"per forward; sequential calibration is not supported for this family")
-        self._calls[ids.shape[0]] = [(p, a, k) for p, a, k, _ in calls]
-        return calls[0][3]
-
-    def run(self, layer: int, hidden: Tensor) -> Tensor:
-        positional, args, kwargs = self._calls[hidden.shape[0]][layer]
-        with torch.no_grad():
-            out = self.layers[layer](hidden, *args, **kwargs) if positional else \
-                self.layers[layer](hidden_states=hidden, **kwargs)
-        return out[0] if isinstance(out, (tuple, list)) else out
-
-    def self_check(self, ids: Tensor) -> None:
-        """UserError unless running the layers one by one reproduces the model's hidden states on `ids`."""
-        with torch.no_grad():
-            ref = self.model(input_ids=ids, use_cache=False, output_hidden_states=True).hidden_states
-        if ref is None or len(ref) != len(self.layers) + 1:
-            raise UserError(f"{type(self.model).__name__}: hidden states not available to check the "
-                            f"layer-by-layer run; sequential calibration is not supported for this family")
-        h = self.capture(ids)
-        worst = 0.0
-        for layer in range(len(self.layers) - 1):  # the last entry is after the final norm
-            h = self.run(layer, h)
-            scale = float(ref[layer + 1].abs().max()) or 1.0
-            worst = max(worst, float((h - ref[layer + 1]).abs().max()) / scale)
-        tol = 1e-3 if h.dtype == torch.float32 else 3e-2
-        if not worst <= tol:
-            raise UserError(f"{type(self.model).__name__}: running its decoder layers one at a time does not "
-                            f"reproduce the model (relative difference {worst:.2e}); sequential calibration "
-                            f"is not supported for this family")
-
-
-# ------------------------------------------------------------------------------------------------
 # Routers, Hessians, pruning
 # ------------------------------------------------------------------------------------------------
 
-def fit_router(x: Tensor, settings: ExpertsSettings, device: torch.device) -> tuple[Router, Tensor, dict]:
-    """(router, cluster of every row of x (CPU LongTensor), stats) for the rows of x (tokens, d_in)."""
+def fit_router(x: Tensor, settings: ExpertsSettings, device: torch.device,
+               threads: int | None = None) -> tuple[Router, Tensor, dict]:
+    """(router, cluster of every row of x (CPU LongTensor), stats) for the rows of x (tokens, d_in).
+    threads: CPU threads for k-means (None: `sweep_threads`' default)."""
     k = settings.num_clusters
     if k == 1:
         return Router(None, None, None), torch.zeros(x.shape[0], dtype=torch.long), {"clusters": 1}
@@ -197,7 +132,7 @@ def fit_router(x: Tensor, settings: ExpertsSettings, device: torch.device) -> tu
     points = torch.cat([project(x[i:i + rows].to(device), pca.mean.to(device),
                                 None if pca.components is None else pca.components.to(device))
                         for i in range(0, x.shape[0], rows)])
-    with one_cpu_thread(device):  # many small ops, like the SparseGPT sweep
+    with sweep_threads(device, threads):  # many small ops, like the SparseGPT sweep
         km = kmeans(points, k, seed=settings.seed, restarts=settings.kmeans_restarts,
                     max_iter=settings.kmeans_max_iter, device=device)
     router = Router(pca.mean.cpu(), None if pca.components is None else pca.components.cpu(), km.centroids.cpu())
@@ -223,15 +158,17 @@ def cluster_hessians(x: Tensor, labels: Tensor, k: int, device: torch.device) ->
 
 
 @contextlib.contextmanager
-def one_cpu_thread(device: torch.device) -> Iterator[None]:
-    """SparseGPT's column sweep is thousands of tiny ops: on a busy CPU, OpenMP threads waiting for each
-    other make it 10-50x slower than one thread (measured: 38 s vs 0.7 s for a 576x1536 layer on a
-    loaded 2-core machine). One thread for the sweep, the previous setting restored after."""
+def sweep_threads(device: torch.device, threads: int | None) -> Iterator[None]:
+    """torch's CPU thread count for the k-means and SparseGPT phases: `threads` when given (the user's
+    --threads), else 1. Both are thousands of tiny ops: on a busy CPU, OpenMP threads waiting for each
+    other made them 10-50x slower than one thread (measured: 38 s vs 0.7 s for a 576x1536 layer on a
+    loaded 2-core machine), so one thread is the default. The previous setting is restored after."""
     n = torch.get_num_threads()
-    if device.type != "cpu" or n == 1:
+    want = 1 if threads is None else int(threads)
+    if device.type != "cpu" or n == want:
         yield
         return
-    torch.set_num_threads(1)
+    torch.set_num_threads(want)
     try:
         yield
     finally:
@@ -239,14 +176,15 @@ def one_cpu_thread(device: torch.device) -> Iterator[None]:
 
 
 def prune_experts(w: Tensor, hessians: list[tuple[Tensor, int]], settings: ExpertsSettings,
-                  where: str) -> tuple[Tensor, list[dict]]:
-    """(K pruned copies of w (K, d_out, d_in) in w's dtype, per-expert stats)."""
-    with one_cpu_thread(w.device):
-        return _prune_experts(w, hessians, settings, where)
+                  where: str, threads: int | None = None) -> tuple[Tensor, list[dict]]:
+    """(K pruned copies of w (K, d_out, d_in) in w's dtype, per-expert stats); `threads` as in
+    `sweep_threads`."""
+    with sweep_threads(w.device, threads):
+        return _prune_all(w, hessians, settings, where)
 
 
-def _prune_experts(w: Tensor, hessians: list[tuple[Tensor, int]], settings: ExpertsSettings,
-                   where: str) -> tuple[Tensor, list[dict]]:
+def _prune_all(w: Tensor, hessians: list[tuple[Tensor, int]], settings: ExpertsSettings,
+               where: str) -> tuple[Tensor, list[dict]]:
     wf = w.detach().float()
     experts, stats = [], []
     for c, (h, n) in enumerate(hessians):
@@ -301,15 +239,17 @@ def check_model_for_experts(ffns: list[FFN], settings: ExpertsSettings) -> None:
 def calibrate_experts(model: nn.Module, windows: Tensor, settings: ExpertsSettings, out: str | Path, *,
                       names: FFNNames | None = None, data: dict | None = None, batch_size: int = 8,
                       overwrite: bool = False, keep_applied: bool = False, progress: bool = True,
-                      model_info: dict | None = None) -> CalibrationResult:
+                      model_info: dict | None = None, threads: int | None = None) -> CalibrationResult:
     """Calibrate Sparse Expansion experts for every FFN of `model` on `windows` (LongTensor (n, seq_len))
     and write the artifact directory `out`. Runs on the model's device. The model is left dense unless
     `keep_applied` (then `result.handle` holds the in-memory expanded model, equal to what
-    `apply_experts_(model, out)` builds). `data` (source, sha256) goes into the manifest.
+    `apply_experts_(model, out)` builds). `data` (source, sha256) goes into the manifest. `threads`:
+    CPU threads of the k-means and SparseGPT phases (default 1, see `sweep_threads`; recorded in the
+    manifest's "run").
     """
     t0 = time.time()
     ffns = find_ffns(model, names)
-    _, layers = _decoder_layers(model, names.layers if names else None)
+    _, layers = decoder_layers(model, names.layers if names else None)
     if len(layers) != len(ffns):
         raise UserError(f"{type(model).__name__}: {len(ffns)} FFNs but {len(layers)} decoder layers")
     check_model_for_experts(ffns, settings)
@@ -335,7 +275,7 @@ def calibrate_experts(model: nn.Module, windows: Tensor, settings: ExpertsSettin
         "layout": {"gated": first.gated, "roles": routed_roles(first),
                    "routers": {r: [x for x in routed_roles(first) if ROUTER_OF[x] == r] for r in ("in", "down")},
                    "modules": {r: _module_name(layers[0], getattr(first, r)) for r in routed_roles(first)}},
-        "storage": {"experts": "sparse-ffn layer files, see sparse_ffn/expansion.py"},
+        "storage": {"experts": STORAGE_DOC},
     }
     writer = ArtifactWriter(out, header, overwrite=overwrite)
     writer.check()
@@ -366,7 +306,7 @@ def calibrate_experts(model: nn.Module, windows: Tensor, settings: ExpertsSettin
                 layer_device = linear_weight(ffn.down).device
                 for rname, inp in (("in", x), ("down", a)):
                     bar.set_postfix_str(f"router {rname}")
-                    router, labels, rstats = fit_router(inp, settings, layer_device)
+                    router, labels, rstats = fit_router(inp, settings, layer_device, threads)
                     hessians = cluster_hessians(inp, labels, settings.num_clusters, layer_device)
                     rstats["tokens_per_cluster"] = [n for _, n in hessians]
                     routers[rname], stats["routers"][rname] = router, rstats
@@ -375,7 +315,7 @@ def calibrate_experts(model: nn.Module, windows: Tensor, settings: ExpertsSettin
                             continue
                         bar.set_postfix_str(f"sparsegpt {role}")
                         experts[role], stats["experts"][role] = prune_experts(
-                            linear_weight(getattr(ffn, role)), hessians, settings, f"layer {l} {role}")
+                            linear_weight(getattr(ffn, role)), hessians, settings, f"layer {l} {role}", threads)
                     del hessians
                 del x, a
                 stats["seconds"] = round(time.time() - tl, 3)
@@ -386,12 +326,12 @@ def calibrate_experts(model: nn.Module, windows: Tensor, settings: ExpertsSettin
                 hidden[j] = runner.run(l, h)
             bar.update(1)
         bar.close()
-        peak = _peak_rss()
+        memory = peak_memory(device)
+        peak = memory.get("peak_rss_bytes", 0)
         seconds = time.time() - t0
-        run = {"seconds": round(seconds, 3), "peak_rss_bytes": peak, "device": str(device),
-               "resumed_from_layer": done, "torch": torch.__version__}
-        if device.type == "cuda":
-            run["peak_cuda_bytes"] = int(torch.cuda.max_memory_allocated(device))
+        run = {"seconds": round(seconds, 3), **memory, "device": str(device), "resumed_from_layer": done,
+               "torch": torch.__version__, "threads": {"sweeps": 1 if threads is None else threads,
+                                                       "torch": torch.get_num_threads()}}
         path = writer.finish(len(ffns), run)
         handle.stats.reset()  # the layer-by-layer runs are not model forwards: start counting afresh
         ok = True
@@ -438,16 +378,6 @@ def _dense_pass(runner: LayerRunner, ffn: FFN, hidden: list[Tensor], tokens: int
         raise UserError(f"layer {ffn.layer}: the FFN saw {pos['x']}/{pos['a']} tokens, expected {tokens} "
                         f"(its linears are not called once per token)")
     return x, a
-
-
-def _peak_rss() -> int:
-    """Peak resident memory of this process in bytes (0 where the platform has no `resource`)."""
-    try:
-        import resource
-    except ImportError:
-        return 0
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(r if sys.platform == "darwin" else r * 1024)
 
 
 class _NoBar:

@@ -1,12 +1,9 @@
-"""`sparse-ffn sweep`: PPL-k% sparsity of every checkpoint of a training run (the seed's calc_sparsity.sh).
-
-    sparse-ffn sweep --checkpoints run/checkpoint-* --target-ppl-ratio 1.01 --data valid.txt --out-dir sweep/
-    sparse-ffn sweep --checkpoints run/ --cett 0.2 --data valid.txt --out-dir sweep/   # subdirs of run/
+"""PPL-k% sparsity of every checkpoint of a training run (the seed's calc_sparsity.sh; `sparse-ffn sweep`).
 
 One CETT value c for the whole run (SPEC section 1): the largest c whose per-checkpoint thresholds keep
 the MEAN over the last `--last` (5) checkpoints of PPL(sparse)/PPL(dense) <= R, found by the same
-search as `calibrate thresholds` (`cett._search`, ITP-safeguarded root finding on c), each checkpoint
-fitting its own per-layer thresholds t_l(c) (`cett._Calibrator`: dense activations collected once,
+search as `calibrate thresholds` (`ppl_search.search_c`, ITP-safeguarded root finding on c), each checkpoint
+fitting its own per-layer thresholds t_l(c) (`calibrator.Calibrator`: dense activations collected once,
 warm-started per-layer searches). Then every checkpoint's sparsity (and PPL ratio) at that c: the
 activation-ratio-vs-training curve. Writes sweep.csv, sweep.json (with provenance) and sweep.png into
 --out-dir at the very end, atomically; prints one JSON object as the last stdout line.
@@ -17,22 +14,19 @@ Memory: the last `--last` checkpoints are held at once (models and their collect
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
-import json
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from ..errors import UserError
+from sparse_ffn.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import Tensor, nn
 
-    from ..ffn import FFNNames
+    from sparse_ffn.core.ffn import FFNNames
 
 LAST = 5  # checkpoints whose mean PPL ratio chooses c (the reference's choice)
 _STEP = re.compile(r"^(?:.*?(?:checkpoint|ckpt|step|iter)[-_]?)?(\d+)$", re.IGNORECASE)
@@ -127,7 +121,7 @@ class _MeanEval:
 
 class _MeanCalibration:
     """Several checkpoints' calibrators seen as one: PPL ratio(c) = the mean of theirs (each checkpoint
-    fits its own thresholds at c). Has what `cett._search` needs (`evaluate`)."""
+    fits its own thresholds at c). Has what `ppl_search.search_c` needs (`evaluate`)."""
 
     def __init__(self, calibrators: list) -> None:
         self.calibrators = calibrators
@@ -156,8 +150,9 @@ def sweep_checkpoints(checkpoints: Sequence[Checkpoint], load: Callable[[Path], 
     checkpoints is <= R; refused when even the smallest resolvable c exceeds it) or cett = a fixed c in
     [0, 1]. max_activation_memory: bytes for all held checkpoints' activations together (None: no cap).
     """
-    from ..ffn import find_ffns
-    from .cett import C_TOL, _Calibrator, _search, check_target
+    from sparse_ffn.calibrate.calibrator import Calibrator
+    from sparse_ffn.calibrate.ppl_search import C_TOL, check_target, search_c
+    from sparse_ffn.core.ffn import find_ffns
 
     check_target(target_ppl_ratio, cett)
     if not checkpoints:
@@ -172,14 +167,14 @@ def sweep_checkpoints(checkpoints: Sequence[Checkpoint], load: Callable[[Path], 
 
     def calibrator(ck: Checkpoint):
         model = load(ck.path)
-        return _Calibrator(model, find_ffns(model, names), windows, names=names, batch_size=batch_size,
-                           max_activation_memory=budget, progress=progress)
+        return Calibrator(model, find_ffns(model, names), windows, names=names, batch_size=batch_size,
+                          max_activation_memory=budget, progress=progress)
 
     cals = [calibrator(ck) for ck in bar(tail, desc="dense passes (last checkpoints)")]
     mean = _MeanCalibration(cals)
     if cett is None:
         log(f"searching c: mean PPL ratio over the last {len(tail)} checkpoints <= {target_ppl_ratio:g}")
-        c = _search(mean, target_ppl_ratio, c_tol=C_TOL if c_tol is None else c_tol, ratio_tol=ratio_tol, c0=0.1,
+        c = search_c(mean, target_ppl_ratio, c_tol=C_TOL if c_tol is None else c_tol, ratio_tol=ratio_tol, c0=0.1,
                     steer_windows=None, max_steps=max_steps).c
     else:
         c = cett
@@ -285,7 +280,7 @@ def write_outputs(result: SweepResult, out_dir: str | Path, provenance: dict,
                   label: str = "activation ratio") -> dict[str, Path]:
     """Write sweep.csv, sweep.json and sweep.png into out_dir (each atomically; the PNG is rendered
     first so that a plotting failure writes nothing). Returns {"csv", "json", "png"} paths."""
-    from ..atomic import atomic_write_bytes, atomic_write_json
+    from sparse_ffn.artifacts.atomic import atomic_write_bytes, atomic_write_json
 
     out = Path(out_dir)
     png = render_curves({label: result.rows}, sweep_title(result))
@@ -294,85 +289,3 @@ def write_outputs(result: SweepResult, out_dir: str | Path, provenance: dict,
     atomic_write_json(paths["json"], report(result, provenance))
     atomic_write_bytes(paths["png"], png)
     return paths
-
-
-# -- the command ----------------------------------------------------------------------------------------
-
-def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    from .inspect_command import add_model_arguments
-
-    p = subparsers.add_parser(
-        "sweep", help="PPL-k%% sparsity of every checkpoint of a training run at one CETT c (CSV + PNG); "
-                      "prints one JSON object",
-        description="Sparsing Law's calc_sparsity: choose one CETT value c for a training run, the largest "
-                    "whose mean PPL ratio over the last --last checkpoints stays <= --target-ppl-ratio "
-                    "(each checkpoint fits its own per-layer thresholds at c), then measure every "
-                    "checkpoint's sparsity at that c.")
-    p.add_argument("--checkpoints", nargs="+", required=True, metavar="DIR",
-                   help="model directories (or a directory of them); sorted by the step in their names "
-                        "(checkpoint-200, step_200) when every one has one, else taken in the order given")
-    goal = p.add_mutually_exclusive_group(required=True)
-    goal.add_argument("--target-ppl-ratio", type=float, metavar="R",
-                      help="PPL-k%%: the largest c with mean PPL ratio <= R over the last checkpoints (1.01 = PPL-1%%)")
-    goal.add_argument("--cett", type=float, metavar="C", help="a fixed CETT value c in [0, 1] instead of a search")
-    p.add_argument("--last", type=int, default=LAST, help=f"checkpoints whose mean PPL ratio chooses c (default {LAST})")
-    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: the last checkpoint's)")
-    p.add_argument("--max-activation-memory", default="4GiB", metavar="SIZE",
-                   help="cap on the activations held for the last checkpoints together (default 4GiB; 'none')")
-    add_model_arguments(p)
-    p.add_argument("--out-dir", required=True, help="directory for sweep.csv, sweep.json and sweep.png")
-    p.set_defaults(func=_cmd_sweep)
-
-
-def _cmd_sweep(args: argparse.Namespace, rest: list[str]) -> int:
-    from .command import parse_bytes
-    from .inspect_command import check_common, created_by, data_record, ffn_names_from, load_model, load_tokenizer, \
-        log, torch_device
-
-    start = time.perf_counter()
-    if args.target_ppl_ratio is not None and not args.target_ppl_ratio > 1:
-        raise UserError(f"--target-ppl-ratio {args.target_ppl_ratio:g}: must be > 1 (e.g. 1.01 for PPL-1%)")
-    if args.cett is not None and not 0 <= args.cett <= 1:
-        raise UserError(f"--cett {args.cett:g}: must be in [0, 1]")
-    if args.last < 1:
-        raise UserError(f"--last {args.last}: must be >= 1")
-    check_common(args)
-    budget = parse_bytes(args.max_activation_memory)
-    checkpoints = resolve_checkpoints(args.checkpoints)
-    tok_dir = args.tokenizer or checkpoints[-1].path
-    try:
-        tokenizer = load_tokenizer(tok_dir, "--tokenizer" if args.tokenizer else "--checkpoints")
-    except UserError as e:
-        raise UserError(f"{e}{'' if args.tokenizer else '; name one with --tokenizer DIR'}") from None
-
-    from ..data import load_text, token_windows
-
-    text, sha = load_text(args.data)
-    windows = token_windows(tokenizer, text, args.seq_len, args.tokens, where=args.data)
-    device = torch_device(args.device)
-    names = ffn_names_from(args)
-    log(f"sweep over {len(checkpoints)} checkpoints on {windows.shape[0]} x {windows.shape[1]} tokens of "
-        f"{args.data} ({device}, {args.dtype})")
-    result = sweep_checkpoints(
-        checkpoints, lambda path: load_model(path, device, args.dtype, seq_len=args.seq_len, flag="--checkpoints"),
-        windows, target_ppl_ratio=args.target_ppl_ratio, cett=args.cett, last=args.last, names=names,
-        batch_size=args.batch_size, max_activation_memory=budget, progress=not args.no_progress, log=log)
-    for r in result.rows:
-        log(f"{Path(r.checkpoint).name:>24}  step {'-' if r.step is None else r.step:>8}  sparsity "
-            f"{r.sparsity['mean']:.4f}  activation ratio {r.activation_ratio:.4f}  PPL ratio {r.ppl_ratio:.5f}"
-            f"{'  *' if r.in_mean else ''}")
-    provenance = {
-        "data": data_record(args.data, sha, windows),
-        "tokenizer": str(Path(tok_dir).resolve()),
-        "settings": {"device": str(device), "dtype": args.dtype, "batch_size": args.batch_size,
-                     "max_activation_memory": budget},
-        "created_by": created_by(),
-        "timing": {"total_s": round(time.perf_counter() - start, 3)},
-    }
-    paths = write_outputs(result, args.out_dir, provenance)
-    print(json.dumps({"cett": result.c, "target_ppl_ratio": result.target_ppl_ratio,
-                      "mean_ppl_ratio": result.mean_ppl_ratio, "checkpoints": len(result.rows),
-                      "activation_ratio": {"first": result.rows[0].activation_ratio,
-                                           "last": result.rows[-1].activation_ratio},
-                      **{k: str(v.resolve()) for k, v in paths.items()}}))
-    return 0

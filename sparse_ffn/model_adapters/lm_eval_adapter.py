@@ -32,8 +32,9 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from ..errors import install_excepthook
-from .sparsity_setup import FFN_ARGS, experts_of, resolve_sparsity
+from sparse_ffn.errors import install_excepthook
+from sparse_ffn.core.names import FFN_ARGS
+from sparse_ffn.model_adapters.sparsity_setup import resolve_sparsity
 
 
 @register_model("sparse_ffn")
@@ -57,12 +58,12 @@ class SparseFFNLM(HFLM):
         if acc is not None and acc.num_processes > 1 and self.world_size == 1 and acc.device.type == "cpu":
             # HFLM splits the requests over `accelerate launch` processes only on GPUs; do it on CPU (gloo) too
             self._rank, self._world_size = acc.process_index, acc.num_processes
-        self.sparsity, self._sparse_ffn_info = setup.apply(self.model)
-        self.experts = experts_of(self.model)
+        self.applied = setup.apply(self.model)
+        self.sparsity, self.experts = self.applied.masking, self.applied.experts
 
     def _all_stats(self) -> list:
         """The counters that follow the real-token protocol: sparsity, and expert usage with experts."""
-        return [self.sparsity.stats] + ([self.experts.stats] if self.experts is not None else [])
+        return self.applied.counters()
 
     # -- request methods: no evaluator padding, counts summed over ranks -------------------------
     def loglikelihood(self, requests, disable_tqdm: bool = False):  # noqa: ANN001
@@ -186,7 +187,7 @@ class SparseFFNLM(HFLM):
 
     # -- reporting -----------------------------------------------------------------------------
     def sparsity_summary(self) -> dict:
-        out = {**self._sparse_ffn_info, "sparsity": self.sparsity.stats.summary()}
+        out = {**self.applied.info, "sparsity": self.sparsity.stats.summary()}
         if self.experts is not None:
             out["expert_usage"] = self.experts.usage()
         return out

@@ -11,15 +11,16 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .. import __version__
-from ..errors import UserError
+from sparse_ffn import __version__
+from sparse_ffn.core.names import FFN_ARGS, ffn_names
+from sparse_ffn.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..ffn import FFNNames
-    from ..masking import SparsityConfig, SparsityHandle
-    from ..threshold_file import ThresholdFile
+    from sparse_ffn.core.experts import ExpertsHandle
+    from sparse_ffn.core.names import FFNNames
+    from sparse_ffn.core.masking import SparsityConfig, SparsityHandle
+    from sparse_ffn.artifacts.thresholds import ThresholdFile
 
-FFN_ARGS: tuple[str, ...] = ("ffn_layers", "ffn_down", "ffn_act", "ffn_gate", "ffn_up", "ffn_gate_up")
 
 
 @dataclass
@@ -37,25 +38,31 @@ class SparsitySetup:
     def strategy(self) -> str:
         return self.config.strategy
 
-    def apply(self, model: Any) -> tuple[SparsityHandle, dict]:
-        """Check the thresholds file against `model`, swap in the experts (if any), install the masking;
-        returns (handle, info). The experts' handle is `model._sparse_ffn_experts` (see `experts_of`).
+    def apply(self, model: Any) -> Applied:
+        """Check the thresholds file against `model`, swap in the experts (if any), install the masking.
 
-        `info` is what the lm-eval adapter reports under `config.sparse_ffn` (besides `sparsity`).
+        `Applied.info` is what the lm-eval adapter reports under `config.sparse_ffn` (besides the counts).
         """
-        from ..atomic import sha256_file
-        from ..ffn import find_ffns, model_fingerprint
-        from ..masking import sparsify_
+        from sparse_ffn.artifacts.atomic import sha256_file
+        from sparse_ffn.core.ffn import find_ffns, model_fingerprint
+        from sparse_ffn.core.masking import sparsify_
 
         thr = self.thresholds
-        fingerprint = model_fingerprint(model, find_ffns(model, self.names))
+        ffns = find_ffns(model, self.names)
+        fingerprint = model_fingerprint(model, ffns)
         if thr is not None:
             thr.check_model(fingerprint)  # before any hook: a wrong file names the file, not the model
+        experts = None
         if self.experts is not None:  # first: the masking hooks then sit on the routed modules
-            from ..expansion import apply_experts_
+            from sparse_ffn.artifacts.experts import apply_experts_
 
-            apply_experts_(model, self.experts, self.names)
-        handle = sparsify_(model, self.config, self.names)
+            experts = apply_experts_(model, self.experts, self.names, ffns=ffns)
+        try:
+            masking = sparsify_(model, self.config, self.names, ffns=ffns)
+        except BaseException:
+            if experts is not None:
+                experts.remove()
+            raise
         info = {
             "version": __version__,
             "strategy": self.config.strategy,
@@ -66,29 +73,32 @@ class SparsitySetup:
             "model_fingerprint": fingerprint,
         }
         if self.experts is not None:
-            from ..expansion import MANIFEST
+            from sparse_ffn.artifacts.experts import MANIFEST
 
             info["experts_source"] = str(self.experts)
             info["experts_manifest_sha256"] = sha256_file(os.path.join(self.experts, MANIFEST))
             info["experts_settings"] = (self.experts_manifest or {}).get("settings")
-        return handle, info
+        return Applied(masking=masking, experts=experts, info=info)
 
 
-def experts_of(model: Any) -> Any:
-    """The ExpertsHandle installed on `model` (None without experts)."""
-    return getattr(model, "_sparse_ffn_experts", None)
+@dataclass
+class Applied:
+    """What `SparsitySetup.apply` installed: the masking handle (always; `dense` counts natural
+    sparsity), the experts handle (with experts=DIR, else None) and the provenance `info`."""
 
+    masking: SparsityHandle
+    experts: ExpertsHandle | None
+    info: dict
 
-def ffn_names(ffn_args: dict[str, Any] | None) -> FFNNames | None:
-    """`ffn_layers=..., ffn_down=..., ...` (None values ignored) -> FFNNames, or None when none is given."""
-    from ..ffn import FFNNames
+    def counters(self) -> list:
+        """The counters that follow the real-token protocol: sparsity, and expert usage with experts."""
+        return [self.masking.stats] + ([self.experts.stats] if self.experts is not None else [])
 
-    given = {k[4:]: v for k, v in (ffn_args or {}).items() if k in FFN_ARGS and v is not None}
-    if not given:
-        return None
-    if "down" not in given:
-        raise UserError("ffn_down=... is required when any ffn_* module name is given")
-    return FFNNames(**given)
+    def remove(self) -> None:
+        """Back to the dense model: masking off, dense linears back."""
+        self.masking.remove()
+        if self.experts is not None:
+            self.experts.remove()
 
 
 def resolve_sparsity(
@@ -104,10 +114,10 @@ def resolve_sparsity(
     """The lm-eval adapter's argument logic, shared: thresholds imply cett; `pretrained` may come
     from the thresholds file or the experts manifest; `model_arg` is how the model argument is spelled
     in error messages. A bad experts directory fails here, before the model is loaded."""
-    from .. import threshold_file
-    from ..masking import SparsityConfig
+    from sparse_ffn.artifacts import thresholds as threshold_file
+    from sparse_ffn.core.masking import SparsityConfig
 
-    names = ffn_names(ffn_args)
+    names = ffn_names({k[4:]: v for k, v in (ffn_args or {}).items() if k in FFN_ARGS})
     thr = threshold_file.resolve(thresholds) if thresholds is not None else None
     strategy = strategy or ("cett" if thr is not None else "dense")
     if thr is not None and strategy != "cett":
@@ -122,7 +132,7 @@ def resolve_sparsity(
                             thresholds=tuple(thr.thresholds) if thr is not None else None)
     manifest = None
     if experts is not None:
-        from ..expansion import read_manifest
+        from sparse_ffn.artifacts.experts import read_manifest
 
         experts = os.fspath(experts)
         manifest = read_manifest(experts)

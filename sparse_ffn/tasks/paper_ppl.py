@@ -6,7 +6,7 @@
 
 The text (e.g. WikiText-2 raw test, documents joined with "\\n\\n") is tokenised once as one stream
 and cut into non-overlapping windows of `seq_len` tokens; perplexity = exp(mean NLL over every
-predicted token), each window scored independently (`sparse_ffn.perplexity.perplexity`). The model is
+predicted token), each window scored independently (`sparse_ffn.core.perplexity.perplexity`). The model is
 dense, or carries Sparse Expansion experts (`experts=DIR`) or CETT thresholds (`thresholds=`), set up
 exactly as the lm-eval adapter does (`model_adapters.sparsity_setup.resolve_sparsity`).
 
@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
-from ..errors import UserError
+from sparse_ffn import __version__
+from sparse_ffn.errors import UserError
 
 METRIC = "token-level perplexity (paper parity; not lm-eval's word/byte perplexity)"
 
@@ -51,8 +51,9 @@ def paper_perplexity(model: str | os.PathLike | None, data: str | os.PathLike, s
     manifest, calibration_data_sha256, settings}), sparsity (with thresholds: {mean, activation_ratio,
     per_layer, tokens}), expert_usage (with experts: {tokens, balance}), sparse_ffn_version.
     """
-    from ..data import load_text, token_windows
-    from ..model_adapters.sparsity_setup import resolve_sparsity
+    from sparse_ffn.artifacts.data import load_text, token_windows
+    from sparse_ffn.artifacts.provenance import data_record
+    from sparse_ffn.model_adapters.sparsity_setup import resolve_sparsity
 
     if experts is not None and thresholds is not None:
         raise UserError("--experts and --thresholds: give one of them, not both")
@@ -66,21 +67,10 @@ def paper_perplexity(model: str | os.PathLike | None, data: str | os.PathLike, s
     setup = resolve_sparsity(thresholds, pretrained=None if model is None else os.fspath(model), ffn_args=ffn_args,
                              model_arg="--model PATH", experts=experts)
 
-    from transformers.utils import logging as hf_logging
+    from sparse_ffn.core.perplexity import perplexity
+    from sparse_ffn.model_adapters.loading import load_model_and_tokenizer
 
-    from ..perplexity import perplexity
-    from ..plugin.ultraeval_server import context_length, load_model
-
-    bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # stderr keeps to our own lines (one line on a user error)
-    try:
-        net, tokenizer = load_model(str(setup.pretrained), dtype=dtype, device=device)
-    finally:
-        if bar:
-            hf_logging.enable_progress_bar()
-    max_len = context_length(net, tokenizer)
-    if seq_len > max_len:
-        raise UserError(f"--seq-len {seq_len}: longer than the model's context of {max_len} tokens")
+    net, tokenizer = load_model_and_tokenizer(str(setup.pretrained), dtype=dtype, device=device, seq_len=seq_len)
     windows = token_windows(tokenizer, text, seq_len, where=str(data))
     available = windows.shape[0]
     if tokens is not None:
@@ -88,8 +78,8 @@ def paper_perplexity(model: str | os.PathLike | None, data: str | os.PathLike, s
             raise UserError(f"{data}: too little data: {available} windows of {seq_len} tokens, --tokens "
                             f"{tokens} asks for {tokens // seq_len}")
         windows = windows[: tokens // seq_len]
-    handle, info = setup.apply(net)
-    experts_handle = getattr(net, "_sparse_ffn_experts", None)
+    applied = setup.apply(net)
+    info, handle, experts_handle = applied.info, applied.masking, applied.experts
     artifact = _artifact_record(setup, info)
     if artifact and artifact.get("calibration_data_sha256") == data_sha:
         print(f"sparse-ffn: warning: {data} is the very text the artifact was calibrated on (not held out)",
@@ -100,11 +90,9 @@ def paper_perplexity(model: str | os.PathLike | None, data: str | os.PathLike, s
         sparsity = handle.stats.summary() if setup.thresholds is not None else None
         usage = experts_handle.usage() if experts_handle is not None else None
     finally:
-        handle.remove()
-        if experts_handle is not None:
-            experts_handle.remove()
+        applied.remove()
     seconds = time.perf_counter() - start
-    data_path = Path(str(data))
+
     record = {
         "metric": METRIC,
         "perplexity": out["perplexity"],
@@ -115,7 +103,7 @@ def paper_perplexity(model: str | os.PathLike | None, data: str | os.PathLike, s
         "windows_available": int(available),
         "batch_size": batch_size,
         "seconds": round(seconds, 3),
-        "data": {"path": str(data_path.resolve()) if data_path.is_file() else str(data), "sha256": data_sha},
+        "data": data_record(str(data), data_sha),
         "model": {"path": str(Path(str(setup.pretrained)).resolve()), "dtype": str(net.dtype).replace("torch.", ""),
                   "device": str(next(net.parameters()).device), "fingerprint": info["model_fingerprint"]},
         "artifact": artifact,

@@ -6,7 +6,7 @@
     print(format_table(result)); png = render_layer_chart(result, "title")
 
 The PPL ratio is PPL(sparse) / PPL(dense) on the very same windows (paper-parity perplexity,
-`sparse_ffn.perplexity`); sparsity is what the masking core counts (`sparsify_` stats) on those windows.
+`sparse_ffn.core.perplexity`); sparsity is what the masking core counts (`sparsify_` stats) on those windows.
 Torch is imported lazily: the CLI imports this package's command modules to build its parser.
 """
 
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable
 if TYPE_CHECKING:  # pragma: no cover
     from torch import Tensor, nn
 
-    from ..ffn import FFNNames
+    from sparse_ffn.core.ffn import FFNNames
 
 
 @dataclass
@@ -61,10 +61,10 @@ def inspect_sparsity(model: nn.Module, windows: Tensor, strategy: str, arg: floa
     sparse perplexity pass otherwise. ppl_ratio = exp(mean NLL sparse - mean NLL dense).
     Errors (UserError): bad strategy/arg/thresholds, a model without FFNs, too few tokens.
     """
-    from ..errors import UserError
-    from ..ffn import find_ffns
-    from ..masking import SparsityConfig, sparsify_
-    from ..perplexity import perplexity
+    from sparse_ffn.errors import UserError
+    from sparse_ffn.core.ffn import find_ffns
+    from sparse_ffn.core.masking import SparsityConfig, sparsify_
+    from sparse_ffn.core.perplexity import perplexity
 
     if windows.dim() != 2 or windows.shape[0] < 1 or windows.shape[1] < 2:
         raise UserError(f"too little data: need at least one window of >= 2 tokens, got {tuple(windows.shape)}")
@@ -74,7 +74,7 @@ def inspect_sparsity(model: nn.Module, windows: Tensor, strategy: str, arg: floa
     if strategy == "cett" and thresholds is None:
         if arg is None:
             raise UserError("strategy cett needs a CETT value c (--arg) or a thresholds file (--thresholds)")
-        from .cett import calibrate_thresholds
+        from sparse_ffn.calibrate.thresholds import calibrate_thresholds
 
         thr = calibrate_thresholds(model, windows, cett=arg, names=names, batch_size=batch_size,
                                    progress=progress, log=log, steer_windows=None)

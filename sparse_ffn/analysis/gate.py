@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_write_bytes
-from .errors import UserError
+from sparse_ffn.artifacts.atomic import atomic_write_bytes
+from sparse_ffn.errors import UserError
 
 DEFAULT_MAX_DROP: dict[str, float] = {"acc": 0.01, "acc_norm": 0.01}
 PPL_METRICS: frozenset[str] = frozenset({"word_perplexity", "byte_perplexity", "perplexity"})

@@ -21,14 +21,13 @@ import json
 import math
 import os
 import re
-import warnings
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
-from . import __version__
-from .atomic import atomic_write_json
-from .errors import UserError
+from sparse_ffn.errors import UserError
+from sparse_ffn.artifacts.atomic import atomic_write_json
+from sparse_ffn.artifacts import provenance
+from sparse_ffn.artifacts.provenance import check_fingerprint, check_header
 
 FORMAT = "sparse-ffn/thresholds"
 VERSION = 1
@@ -43,9 +42,7 @@ class ThresholdFile:
     calibration: dict = field(default_factory=dict)
     sparsity: dict | None = None
     strategy: str = "cett"
-    created_by: dict = field(default_factory=lambda: {
-        "package": "sparse-ffn", "version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    created_by: dict = field(default_factory=provenance.created_by)
     source: str = "<inline>"
 
     def to_json(self) -> dict:
@@ -60,17 +57,10 @@ class ThresholdFile:
 
     def check_model(self, fingerprint: dict) -> None:
         """Refuse a file made for another shape of model; warn when only the weights differ."""
-        m = self.model
-        for key in ("num_layers", "d_ff"):
-            if m.get(key) is not None and m[key] != fingerprint[key]:
-                raise UserError(f"{self.source}: made for {key}={m[key]}, but the model has "
-                                f"{key}={fingerprint[key]}")
+        check_fingerprint(self.model, fingerprint, self.source)
         if len(self.thresholds) != fingerprint["num_layers"]:
             raise UserError(f"{self.source}: {len(self.thresholds)} thresholds, but the model has "
                             f"{fingerprint['num_layers']} FFN layers")
-        if m.get("weight_hash") and m["weight_hash"] != fingerprint["weight_hash"]:
-            warnings.warn(f"{self.source}: weight hash differs from the model's (calibrated on other "
-                          f"weights or dtype?)", stacklevel=2)
 
 
 def _check_values(values: list, where: str) -> list[float]:
@@ -112,11 +102,7 @@ def load(path: str | os.PathLike) -> ThresholdFile:
         obj = json.loads(stripped, parse_constant=lambda c: float(c))
     except json.JSONDecodeError as e:
         raise UserError(f"{where}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    if obj.get("format") != FORMAT:
-        raise UserError(f"{where}: not a sparse-ffn thresholds file (format={obj.get('format')!r})")
-    if obj.get("version") != VERSION:
-        raise UserError(f"{where}: thresholds format version {obj.get('version')!r} is not supported "
-                        f"(this sparse-ffn reads version {VERSION})")
+    check_header(obj, FORMAT, VERSION, where, "thresholds file")
     if obj.get("strategy", "cett") != "cett":
         raise UserError(f"{where}: strategy {obj.get('strategy')!r} is not 'cett'")
     values = _check_values(obj.get("thresholds"), where)

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import UserError
+from sparse_ffn.core.names import FFNNames
+from sparse_ffn.errors import UserError
 
 # Known layouts, relative to one decoder layer: (down, act, gate, up, gate_up). `down` is the second
 # linear (its input is the intermediate activation `a`); `act` the activation module.
@@ -39,22 +40,6 @@ _HOW_TO_NAME = (
 )
 
 
-@dataclass(frozen=True)
-class FFNNames:
-    """Explicit module names for an architecture `find_ffns` does not know.
-
-    `layers` is the dotted path of the decoder-layer ModuleList from the model root (optional: found
-    automatically); the others are dotted paths relative to one decoder layer.
-    """
-
-    down: str
-    act: str | None = None
-    gate: str | None = None
-    up: str | None = None
-    gate_up: str | None = None
-    layers: str | None = None
-
-
 @dataclass
 class FFN:
     """One decoder layer's FFN. `down` is the module whose input is the activation `a` (d_ff wide)."""
@@ -73,9 +58,9 @@ class FFN:
 
     def down_weight(self) -> torch.Tensor:
         """W_down as (d_model, d_ff), whatever the module type (GPT-2's Conv1D stores it transposed)."""
-        down = getattr(self.down, "base_layer", self.down)  # PEFT/LoRA wrapper -> the frozen base linear
+        down = base_module(self.down)  # PEFT/LoRA wrapper -> the frozen base linear
         w = module_weight(down)
-        return w.t() if _is_conv1d(down) else w
+        return w.t() if is_conv1d(down) else w
 
     @property
     def d_ff(self) -> int:
@@ -104,8 +89,30 @@ def module_weight(module: nn.Module, name: str = "weight") -> torch.Tensor:
                     f"(load the model's weights first)")
 
 
-def _is_conv1d(module: nn.Module) -> bool:
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's transformers `Conv1D` (a linear with its weight stored (d_in, d_out)), not torch's Conv1d."""
     return type(module).__name__ == "Conv1D" and not isinstance(module, nn.Conv1d)
+
+
+def base_module(module: nn.Module) -> nn.Module:
+    """The wrapped linear of a PEFT/LoRA wrapper or an ExpertLinear (`base_layer`), else the module."""
+    return getattr(module, "base_layer", module)
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as (d_out, d_in) (nn.Linear layout), whatever the module (Conv1D, PEFT, ExpertLinear)."""
+    base = base_module(module)
+    return base.weight.t() if is_conv1d(base) else base.weight
+
+
+def check_plain_linear(module: nn.Module, where: str) -> None:
+    """UserError unless `module` is an nn.Linear or a GPT-2 Conv1D (experts replace it entirely, so a
+    PEFT/LoRA wrapper's update would be silently lost)."""
+    if hasattr(module, "base_layer"):
+        raise UserError(f"{where} is wrapped by {type(module).__name__} (PEFT/LoRA?): merge the adapter into the "
+                        f"weights (merge_and_unload) before calibrating or applying experts")
+    if not (isinstance(module, nn.Linear) or is_conv1d(module)):
+        raise UserError(f"{where} is a {type(module).__name__}; experts need nn.Linear or Conv1D")
 
 
 def _get(root: nn.Module, path: str | None) -> nn.Module | None:
@@ -117,7 +124,7 @@ def _get(root: nn.Module, path: str | None) -> nn.Module | None:
         return None
 
 
-def _decoder_layers(model: nn.Module, path: str | None) -> tuple[str, nn.ModuleList]:
+def decoder_layers(model: nn.Module, path: str | None = None) -> tuple[str, nn.ModuleList]:
     """The decoder-layer list: the given path, or the longest ModuleList of identical blocks."""
     if path:
         layers = _get(model, path)
@@ -139,7 +146,7 @@ def find_ffns(model: nn.Module, names: FFNNames | None = None) -> list[FFN]:
 
     Raises UserError naming the model class when the layout is unknown (never a silent no-op).
     """
-    _, layers = _decoder_layers(model, names.layers if names else None)
+    _, layers = decoder_layers(model, names.layers if names else None)
     layouts = [dict(down=names.down, act=names.act, gate=names.gate, up=names.up, gate_up=names.gate_up)] if names else _LAYOUTS
     first = layers[0]
     for layout in layouts:
@@ -159,7 +166,7 @@ def find_ffns(model: nn.Module, names: FFNNames | None = None) -> list[FFN]:
         if parts["down"] is None:
             raise UserError(f"{type(model).__name__}: layer {i} has no {layout['down']!r}")
         # PEFT (LoRA) wraps linears in a module with `base_layer`; `a` is still the wrapper's input.
-        base = getattr(parts["down"], "base_layer", parts["down"])
+        base = base_module(parts["down"])
         if not isinstance(getattr(base, "weight", None), torch.Tensor) or base.weight.dim() != 2:
             raise UserError(f"{type(model).__name__}: {layout['down']!r} in layer {i} is a "
                             f"{type(base).__name__}, not a linear layer")

@@ -1,9 +1,8 @@
-"""The Sparse Expansion router: PCA, then k-means; a token goes to the nearest centroid (SPEC section 2).
+"""Fitting the Sparse Expansion router: PCA, then k-means (SPEC section 2); routing is `core.router`.
 
     pca = fit_pca(x, reduction=32)                   # mean + top d_in/32 principal directions
     km = kmeans(pca.project(x), k=16, seed=0, restarts=4)
-    router = Router(pca.mean, pca.components, km.centroids)
-    cluster = router.route(x)                        # LongTensor (tokens,)
+    router = Router(pca.mean, pca.components, km.centroids)   # core.router
 
 Torch only, CPU or CUDA, deterministic for a seed (same inputs, same device -> the same bits).
 - PCA: eigendecomposition of the covariance of x, accumulated in float64 over row chunks (so x can be
@@ -23,7 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-DIST_CHUNK_ELEMENTS = 1 << 22  # rows per chunk = this / k (16 MiB of float32 distances)
+from sparse_ffn.core.router import DIST_CHUNK_ELEMENTS, assign, project, row_chunks
+
 GRAM_CHUNK_ROWS = 8192
 
 
@@ -37,17 +37,6 @@ class PCA:
         return project(x, self.mean, self.components)
 
 
-def project(x: Tensor, mean: Tensor, components: Tensor | None) -> Tensor:
-    """(x - mean) @ components in float32 ((tokens, r)); x - mean without PCA."""
-    x = x.float() - mean.to(x.device)
-    return x if components is None else x @ components.to(x.device)
-
-
-def _row_chunks(x: Tensor, rows: int):
-    for i in range(0, x.shape[0], rows):
-        yield x[i:i + rows]
-
-
 def fit_pca(x: Tensor, reduction: int | None, device: torch.device | str | None = None) -> PCA:
     """Mean and the top max(1, d_in // reduction) principal directions of the rows of x (tokens, d_in).
 
@@ -56,7 +45,7 @@ def fit_pca(x: Tensor, reduction: int | None, device: torch.device | str | None 
     device = torch.device(device) if device is not None else x.device
     n, d = x.shape
     total = torch.zeros(d, dtype=torch.float64, device=device)
-    for c in _row_chunks(x, GRAM_CHUNK_ROWS):
+    for c in row_chunks(x, GRAM_CHUNK_ROWS):
         total += c.to(device, torch.float64).sum(0)
     mean64 = total / n
     mean = mean64.float()
@@ -64,7 +53,7 @@ def fit_pca(x: Tensor, reduction: int | None, device: torch.device | str | None 
         return PCA(mean, None, 1.0)
     r = max(1, d // int(reduction))
     cov = torch.zeros(d, d, dtype=torch.float64, device=device)
-    for c in _row_chunks(x, GRAM_CHUNK_ROWS):
+    for c in row_chunks(x, GRAM_CHUNK_ROWS):
         c = c.to(device, torch.float64) - mean64
         cov += c.T @ c
     cov /= max(n - 1, 1)
@@ -76,26 +65,6 @@ def fit_pca(x: Tensor, reduction: int | None, device: torch.device | str | None 
     tot = float(evals.clamp(min=0).sum())
     explained = float(evals[:r].clamp(min=0).sum()) / tot if tot > 0 else 1.0
     return PCA(mean, comp.float().contiguous(), explained)
-
-
-def assign(points: Tensor, centroids: Tensor, chunk_elements: int = DIST_CHUNK_ELEMENTS) -> tuple[Tensor, Tensor]:
-    """(nearest centroid index (n,), its squared distance (n,), float32) for every row of points.
-
-    The lowest index wins ties. Row chunks keep the (rows, k) distance matrix bounded."""
-    c = centroids.float()
-    if points.shape[0] == 0:
-        return (torch.zeros(0, dtype=torch.long, device=points.device),
-                torch.zeros(0, dtype=torch.float32, device=points.device))
-    c2 = (c * c).sum(1)
-    rows = max(1, chunk_elements // max(1, c.shape[0]))
-    labels, dist = [], []
-    for p in _row_chunks(points, rows):
-        p = p.float()
-        d = c2[None, :] - 2.0 * (p @ c.T)  # ||p - c||^2 - ||p||^2
-        m, i = d.min(dim=1)
-        labels.append(i)
-        dist.append((m + (p * p).sum(1)).clamp(min=0))
-    return torch.cat(labels), torch.cat(dist)
 
 
 def _kmeanspp(x: Tensor, k: int, gen: torch.Generator) -> Tensor:
@@ -172,29 +141,3 @@ def kmeans(x: Tensor, k: int, *, seed: int = 0, restarts: int = 4, max_iter: int
         if best is None or inertia < best.inertia:
             best = KMeansResult(c, labels, inertia, it, run)
     return best
-
-
-class Router(nn.Module):
-    """route(x) = index of the centroid nearest to the projected token (float32 arithmetic).
-
-    Buffers: mean (d_in,), components (d_in, r) or absent (no PCA), centroids (K, r). K = 1 routes
-    everything to 0 without looking at x."""
-
-    def __init__(self, mean: Tensor | None, components: Tensor | None, centroids: Tensor | None) -> None:
-        super().__init__()
-        self.register_buffer("mean", None if mean is None else mean.float(), persistent=False)
-        self.register_buffer("components", None if components is None else components.float(), persistent=False)
-        self.register_buffer("centroids", None if centroids is None else centroids.float(), persistent=False)
-        self.num_clusters = 1 if centroids is None else int(centroids.shape[0])
-
-    def route(self, x: Tensor) -> Tensor:
-        """x (..., d_in) -> LongTensor (...) of cluster indices."""
-        lead = x.shape[:-1]
-        if self.num_clusters == 1:
-            return torch.zeros(lead, dtype=torch.long, device=x.device)
-        p = project(x.reshape(-1, x.shape[-1]), self.mean, self.components)
-        return assign(p, self.centroids.to(p.device))[0].view(lead)
-
-    def extra_repr(self) -> str:
-        r = "none" if self.components is None else self.components.shape[1]
-        return f"clusters={self.num_clusters}, pca_dims={r}"

@@ -1,5 +1,5 @@
 """Counting over the real tokens of forward passes: the protocol shared by `masking.SparsityStats` and
-`expansion.ExpertUsageStats`, and the sum of their counts over the ranks of a multi-process run.
+`experts.ExpertUsageStats`, and the sum of their counts over the ranks of a multi-process run.
 
 A counter holds, per *slot* (a layer, a (layer, router) pair, ...), a vector of `width` integers and
 the number of tokens counted. Each forward pass leaves per-position values (batch, seq) per slot as
@@ -21,7 +21,8 @@ import math
 from typing import Callable, Hashable, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 Slot = Hashable
 
@@ -188,3 +189,14 @@ def forward_inputs(args: tuple, kwargs: dict) -> tuple[Tensor | None, tuple[int,
     if mask is not None and shape is not None and mask.dim() == 2 and len(shape) == 2:
         valid = mask[:, -shape[1]:].bool()
     return valid, shape
+
+
+def count_forwards(model: nn.Module, counter: TokenCounter) -> list[RemovableHandle]:
+    """Install the model-level hooks that open and close `counter`'s forward passes (`begin_forward`
+    with the call's attention mask and input shape, `end_forward` after it); returns their handles."""
+
+    def begin(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        counter.begin_forward(*forward_inputs(args, kwargs))
+
+    return [model.register_forward_pre_hook(begin, with_kwargs=True),
+            model.register_forward_hook(lambda m, a, o: counter.end_forward())]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from sparse_ffn.errors import UserError
 
 # Suffixes that mark a spec as a file path even when the file is missing (then: "not found", not a
 # confusing attempt to fetch a dataset of that name).

@@ -1,0 +1,166 @@
+"""The Sparse Expansion artifact directory: its manifest, its resumable writer, and installing it on
+a model (`apply_experts_`). The layer files themselves: `artifacts.expert_files`.
+
+    manifest.json                 {"format": "sparse-ffn/experts", "version": 1, "created_by": {...},
+                                   "model": {"name_or_path", "class", "model_type", "dtype", "fingerprint"},
+                                   "settings": {...calibration settings...}, "data": {"source", "sha256",
+                                   "tokens", "windows", "seq_len", "batch_size"}, "layout": {"gated", "roles", "routers",
+                                   "modules"}, "storage": {...}, "layers": [{"layer", "file", "sha256",
+                                   "bytes", "stats"}], "run": {"seconds", "peak_rss_bytes", "device"}}
+    layer_000.safetensors ...     one file per decoder layer (see `artifacts.expert_files`)
+
+Writes are atomic: calibration writes into `<out>.partial/` (each layer file atomically, as soon as the
+layer is done, so a killed run resumes from the last finished layer) and renames it to `<out>` after the
+manifest. Bias terms are never stored: the experts use the dense linear's bias.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from sparse_ffn.core.experts import ExpertsHandle, install_layer
+from sparse_ffn.core.ffn import FFN, FFNNames, decoder_layers, find_ffns, model_fingerprint
+from sparse_ffn.core.router import Router
+from sparse_ffn.errors import UserError
+from sparse_ffn.artifacts.atomic import atomic_write_bytes, atomic_write_json
+from sparse_ffn.artifacts.expert_files import FORMAT, VERSION, layer_bytes, layer_file, load_layer_file
+from sparse_ffn.artifacts.provenance import check_fingerprint, check_header, created_by
+
+MANIFEST = "manifest.json"
+
+
+# ------------------------------------------------------------------------------------------------
+# Artifact directory
+# ------------------------------------------------------------------------------------------------
+
+def read_manifest(artifact_dir: str | os.PathLike) -> dict:
+    """The validated manifest of an experts directory (UserError naming the path otherwise)."""
+    d = Path(artifact_dir)
+    path = d / MANIFEST
+    if not d.is_dir():
+        raise UserError(f"{d}: experts directory not found")
+    if not path.is_file():
+        hint = " (an unfinished calibration?)" if d.name.endswith(".partial") else ""
+        raise UserError(f"{d}: no {MANIFEST}{hint}")
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    check_header(m, FORMAT, VERSION, str(path), "experts manifest")
+    if not isinstance(m.get("layers"), list) or not m["layers"]:
+        raise UserError(f"{path}: no layers")
+    return m
+
+
+def apply_experts_(model: nn.Module, artifact_dir: str | os.PathLike, names: FFNNames | None = None, *,
+                   ffns: list[FFN] | None = None) -> ExpertsHandle:
+    """Swap every routed FFN linear of `model` for its experts from `artifact_dir` (in place).
+
+    Checks the artifact against the model (layer count, d_ff, linear shapes; a different weight hash
+    only warns). Returns the handle: `.stats`/`.usage()` (tokens per expert, real tokens only) and
+    `.remove()` (restores the dense linears). Apply experts before `sparsify_`, not after. `ffns`: the
+    model's `find_ffns(model, names)` when already at hand (its records then point at the experts).
+    """
+    manifest = read_manifest(artifact_dir)
+    ffns = find_ffns(model, names) if ffns is None else ffns
+    where = str(Path(artifact_dir) / MANIFEST)
+    check_fingerprint((manifest.get("model") or {}).get("fingerprint") or {}, model_fingerprint(model, ffns), where,
+                      "experts made for")
+    if len(manifest["layers"]) != len(ffns):
+        raise UserError(f"{where}: {len(manifest['layers'])} layers, the model has {len(ffns)} FFN layers")
+    handle = ExpertsHandle(model, ffns, decoder_layers(model, names.layers if names else None)[1],
+                           manifest=manifest, source=str(artifact_dir))
+    try:
+        for ffn, entry in zip(ffns, manifest["layers"]):
+            routers, experts, _ = load_layer_file(Path(artifact_dir) / entry["file"])
+            install_layer(handle, ffn, routers, experts, where=str(Path(artifact_dir) / entry["file"]))
+    except BaseException:
+        handle.remove()
+        raise
+    return handle
+
+
+class ArtifactWriter:
+    """Writes an experts directory: `<out>.partial/` first (resumable), renamed to `<out>` at the end.
+
+    `header` is the manifest without "layers"/"run"; a partial directory is resumed only when its
+    header is the same (same model fingerprint, settings and data hash).
+    """
+
+    def __init__(self, out: str | os.PathLike, header: dict, overwrite: bool = False) -> None:
+        self.out = Path(out)
+        self.partial = self.out.with_name(self.out.name + ".partial")
+        self.header = {"format": FORMAT, "version": VERSION, **header}
+        self.overwrite = overwrite
+
+    def check(self) -> None:
+        """Raise UserError (before anything is written) when `out` cannot be written."""
+        if self.out.exists() and not self.overwrite:
+            raise UserError(f"{self.out}: already exists (pass --overwrite to replace it)")
+        if self.out.exists() and not self.out.is_dir():
+            raise UserError(f"{self.out}: exists and is not a directory")
+        if self.partial.exists() and not self.overwrite and self._partial_header() not in (None, self._norm(self.header)):
+            raise UserError(f"{self.partial}: an unfinished calibration with other settings, model or data; "
+                            f"delete it or pass --overwrite")
+
+    @staticmethod
+    def _norm(obj: Any) -> Any:
+        return json.loads(json.dumps(obj, sort_keys=True))
+
+    def _partial_header(self) -> dict | None:
+        try:
+            return json.loads((self.partial / "progress.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def start(self) -> int:
+        """Create/resume the partial directory; returns how many leading layers are already done."""
+        self.check()
+        if self.partial.exists() and (self.overwrite and self._partial_header() != self._norm(self.header)):
+            shutil.rmtree(self.partial)
+        self.partial.mkdir(parents=True, exist_ok=True)
+        if self._partial_header() is None:
+            atomic_write_json(self.partial / "progress.json", self._norm(self.header))
+        done = 0
+        while (self.partial / layer_file(done)).is_file() and (self.partial / f"layer_{done:03d}.json").is_file():
+            done += 1
+        return done
+
+    def layer_path(self, layer: int) -> Path:
+        return self.partial / layer_file(layer)
+
+    def write_layer(self, layer: int, routers: dict[str, Router], experts: dict[str, Tensor], stats: dict) -> dict:
+        data, meta = layer_bytes(layer, routers, experts)
+        atomic_write_bytes(self.partial / layer_file(layer), data)
+        entry = {"layer": layer, "file": layer_file(layer), "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+                 "stats": stats}
+        atomic_write_json(self.partial / f"layer_{layer:03d}.json", entry)  # written last: marks the layer done
+        return entry
+
+    def finish(self, num_layers: int, run: dict) -> Path:
+        layers = []
+        for layer in range(num_layers):
+            layers.append(json.loads((self.partial / f"layer_{layer:03d}.json").read_text()))
+        manifest = {**self.header, "layers": layers, "run": run,
+                    "created_by": created_by(timestamp=False)}
+        atomic_write_json(self.partial / MANIFEST, manifest)
+        for layer in range(num_layers):
+            (self.partial / f"layer_{layer:03d}.json").unlink()
+        (self.partial / "progress.json").unlink()
+        old = None
+        if self.out.exists():
+            old = self.out.with_name(self.out.name + ".old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(self.out, old)
+        os.replace(self.partial, self.out)
+        if old is not None:
+            shutil.rmtree(old)
+        return self.out

@@ -1,0 +1,79 @@
+"""Provenance, once for every artifact and report: who made it (`created_by`), for which model
+(`check_fingerprint`), in which format (`check_header`), at what memory cost (`peak_memory`), from
+which data (`data_record`)."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sparse_ffn import __version__
+from sparse_ffn.errors import UserError
+
+
+def created_by(*, timestamp: bool = True) -> dict:
+    """{"package", "version", "torch", "transformers" (when loaded), "created" (UTC, ISO 8601)}.
+    timestamp=False leaves out "created" (for artifacts that must be byte-identical across runs)."""
+    out: dict[str, Any] = {"package": "sparse-ffn", "version": __version__}
+    for name in ("torch", "transformers"):
+        module = sys.modules.get(name)
+        if module is not None:
+            out[name] = getattr(module, "__version__", None)
+    if timestamp:
+        out["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return out
+
+
+def check_header(obj: Any, fmt: str, version: int, where: str, kind: str) -> dict:
+    """`obj` as a dict whose "format" is `fmt` and "version" is `version`; else a one-line UserError
+    naming `where` (a file) and `kind` (what it should have been, e.g. "thresholds file")."""
+    if not isinstance(obj, dict) or obj.get("format") != fmt:
+        found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+        raise UserError(f"{where}: not a sparse-ffn {kind} (format={found!r}, expected {fmt!r})")
+    if obj.get("version") != version:
+        raise UserError(f"{where}: {kind} version {obj.get('version')!r} is not supported "
+                        f"(this sparse-ffn reads version {version})")
+    return obj
+
+
+def check_fingerprint(recorded: Any, fingerprint: dict, where: str, made_for: str = "made for") -> None:
+    """Refuse an artifact whose recorded model fingerprint (`num_layers`, `d_ff`) differs from the
+    model's; warn when only the weight hash differs (other weights or dtype)."""
+    if not isinstance(recorded, dict):
+        raise UserError(f"{where}: the model fingerprint must be an object, not {type(recorded).__name__}")
+    for key in ("num_layers", "d_ff"):
+        if recorded.get(key) is not None and recorded[key] != fingerprint[key]:
+            raise UserError(f"{where}: {made_for} {key}={recorded[key]}, but the model has {key}={fingerprint[key]}")
+    if recorded.get("weight_hash") and recorded["weight_hash"] != fingerprint["weight_hash"]:
+        warnings.warn(f"{where}: weight hash differs from the model's (calibrated on other weights or dtype?)",
+                      stacklevel=3)
+
+
+def peak_memory(device: Any = None) -> dict:
+    """{"peak_rss_bytes": process peak resident memory, "peak_cuda_bytes": peak allocated on a CUDA
+    `device`} where measurable (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    out: dict[str, int] = {}
+    try:
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out["peak_rss_bytes"] = int(rss if sys.platform == "darwin" else rss * 1024)
+    except (ImportError, OSError):
+        pass
+    if device is not None and getattr(device, "type", None) == "cuda":
+        import torch
+
+        out["peak_cuda_bytes"] = int(torch.cuda.max_memory_allocated(device))
+    return out
+
+
+def data_record(spec: str, sha256: str, windows: Any = None) -> dict:
+    """Provenance of a text: its path (resolved when a file) or `datasets` name, sha256, and with
+    `windows` (LongTensor (n, seq_len)) the tokens, seq_len and window count used."""
+    out: dict[str, Any] = {"path": str(Path(spec).resolve()) if Path(spec).is_file() else spec, "sha256": sha256}
+    if windows is not None:
+        out.update(tokens=int(windows.numel()), seq_len=int(windows.shape[1]), windows=int(windows.shape[0]))
+    return out

@@ -1,0 +1,157 @@
+"""The PPL-k% search (SPEC section 1): the largest CETT value c whose per-layer thresholds keep
+PPL(sparse) / PPL(dense) <= target, found with few sparse passes (`search_c`).
+
+`search_c` needs only an object with `evaluate(c, windows=None) -> (.c, .ratio)` and `.windows`
+(a `Calibrator`, or the checkpoint sweep's mean over several).
+"""
+
+from __future__ import annotations
+
+import math
+
+from sparse_ffn.errors import UserError
+from sparse_ffn.calibrate.calibrator import Calibrator, Eval
+
+C_TOL = 1e-3  # the reference's tolerance on c in the outer bisection
+
+
+def check_target(target_ppl_ratio: float | None, cett: float | None) -> None:
+    """UserError unless exactly one is given: a PPL ratio target r > 1, or a fixed CETT c in [0, 1]."""
+    if (target_ppl_ratio is None) == (cett is None):
+        raise UserError("give exactly one of --target-ppl-ratio and --cett")
+    if target_ppl_ratio is not None and not (math.isfinite(target_ppl_ratio) and target_ppl_ratio > 1):
+        raise UserError(f"--target-ppl-ratio {target_ppl_ratio:g}: must be > 1 (e.g. 1.01 for PPL-1%)")
+    if cett is not None and not (math.isfinite(cett) and 0 <= cett <= 1):
+        raise UserError(f"--cett {cett:g}: must be in [0, 1]")
+
+
+class Bracket:
+    """Evaluated (c, ratio) points of one fidelity: the largest feasible c (`lo`, ratio <= target) and the
+    smallest infeasible one (`hi`), and the next c to try."""
+
+    def __init__(self, target: float) -> None:
+        self.target = target
+        self.points: dict[float, float] = {0.0: 1.0}  # c = 0: all thresholds 0, the dense model itself
+
+    def add(self, c: float, ratio: float) -> None:
+        self.points[c] = ratio
+
+    @property
+    def hi(self) -> float | None:
+        return min((c for c, r in self.points.items() if r > self.target), default=None)
+
+    @property
+    def lo(self) -> float:
+        hi = self.hi
+        return max(c for c, r in self.points.items() if r <= self.target and (hi is None or c < hi))
+
+    def model_root(self, aim: float, beta_prior: float | None, c0: float) -> float:
+        """Where a power law ratio - 1 = A c^beta through the evaluated points reaches `aim`: anchored
+        at the point nearest `aim` (in log(ratio - 1)); beta from the two points nearest the bracket
+        ends (else `beta_prior`, else 1.5). `c0` when there is no point with ratio > 1 yet."""
+        pts = sorted((c, r) for c, r in self.points.items() if c > 0 and r > 1)
+        if not pts:
+            lo = self.lo
+            return c0 if lo == 0 else 4 * lo
+        beta = None
+        if len(pts) >= 2:
+            lo, hi = self.lo, self.hi
+            below = [p for p in pts if p[0] <= lo]
+            above = [p for p in pts if hi is not None and p[0] >= hi]
+            if below and above:
+                a, b = below[-1], above[0]
+            else:
+                a, b = sorted(sorted(pts, key=lambda p: abs(math.log((p[1] - 1) / (aim - 1))))[:2])
+            if a[0] != b[0] and a[1] != b[1]:
+                beta = (math.log(b[1] - 1) - math.log(a[1] - 1)) / (math.log(b[0]) - math.log(a[0]))
+                beta = beta if 0 < beta < 50 else None
+        beta = beta or beta_prior or 1.5
+        anchor = min(pts, key=lambda p: abs(math.log((p[1] - 1) / (aim - 1))))
+        return anchor[0] * math.exp(math.log((aim - 1) / (anchor[1] - 1)) / beta)
+
+    def propose(self, aim: float, c_tol: float, beta_prior: float | None, c0: float, n0: int = 1) -> float:
+        """The model's root, safeguarded.
+
+        While no infeasible c is known, the root itself, but above the best feasible c (by c_tol / 2,
+        then by 5%, then doubling it). Once the bracket [lo, hi] exists, the root is projected as
+        in the ITP method (Oliveira & Takahashi 2020) onto a neighbourhood of the bracket's midpoint
+        that shrinks with each step, so that the bracket reaches c_tol in at most
+        ceil(log2((hi - lo) / c_tol)) + n0 steps (bisection's count + n0), however bad the model."""
+        lo, hi = self.lo, self.hi
+        c = self.model_root(aim, beta_prior, c0)
+        if hi is None:
+            self._expansions = getattr(self, "_expansions", 0) + (lo > 0)
+            floor = lo * (1.0, 1.0, 1.05)[self._expansions] if self._expansions <= 2 else 2 * lo
+            floor += c_tol / 2
+            return min(1.0, max(c, floor))
+        if getattr(self, "_itp", None) is None:
+            self._itp = [0, math.ceil(math.log2(max((hi - lo) / c_tol, 1.0))) + n0]  # [step j, n_max]
+        j, n_max = self._itp
+        self._itp[0] += 1
+        margin = min(0.02 * (hi - lo), c_tol / 4)
+        c = min(hi - margin, max(lo + margin, c))
+        if lo == 0:
+            c = max(c, min(c_tol, hi / 2))  # below c_tol the search cannot tell c from 0 anyway
+        half = (lo + hi) / 2
+        radius = (c_tol / 2) * 2 ** (n_max - j) - (hi - lo) / 2
+        if abs(c - half) > radius:
+            c = half + math.copysign(max(radius, 0.0), c - half)
+        return c
+
+
+def search_c(cal: Calibrator, target: float, *, c_tol: float, ratio_tol: float, c0: float,
+            steer_windows: int | None, max_steps: int) -> Eval:
+    """The largest c (to c_tol, or with ratio within ratio_tol below target) whose thresholds keep
+    PPL(sparse)/PPL(dense) <= target on all calibration windows.
+
+    1. Steering (cheap): up to 4 probes on the first `steer_windows` windows, with thresholds fitted on
+       those windows' tokens only, locate where the curve crosses the target and its log-log slope.
+    2. All windows, exact thresholds: power-law root estimates from there, ITP-safeguarded once a
+       bracket exists (then at most bisection's count + 1 more passes; the reference's bisection
+       takes 10); stop once the best feasible c has ratio >= target - ratio_tol or the bracket is
+       <= c_tol (the reference's resolution).
+    """
+    ratio_tol = min(ratio_tol, (target - 1) / 4)
+    aim = target - ratio_tol / 2
+    beta_prior = None
+    if steer_windows and steer_windows < cal.windows.shape[0]:
+        steer = Bracket(target)
+        for step in range(4):
+            c = steer.propose(aim, c_tol, None, c0)
+            steer.add(c, cal.evaluate(c, windows=steer_windows).ratio)
+            lo, hi = steer.lo, steer.hi
+            if (lo > 0 and steer.points[lo] >= target - 2 * ratio_tol) or lo >= 1.0 or \
+                    (hi is not None and hi - lo <= c_tol):
+                break
+        if sum(1 for c, r in steer.points.items() if c > 0 and r > 1) >= 2:
+            beta_prior = steer_beta(steer, aim)
+        c0 = min(1.0, max(c_tol, steer.model_root(aim, beta_prior, c0)))
+    full = Bracket(target)
+    results: dict[float, Eval] = {}
+    for step in range(max_steps):
+        c = full.propose(aim, c_tol, beta_prior, c0)
+        ev = cal.evaluate(c)
+        full.add(c, ev.ratio)
+        results[c] = ev
+        lo, hi = full.lo, full.hi
+        if lo > 0 and full.points[lo] >= target - ratio_tol:
+            break
+        if (hi is not None and hi - lo <= c_tol) or lo >= 1.0 or (hi is None and 1.0 - lo <= c_tol):
+            break
+    lo, hi = full.lo, full.hi
+    if lo == 0.0:
+        r_hi = full.points[hi] if hi is not None else float("nan")
+        raise UserError(f"--target-ppl-ratio {target:g}: unreachable: the smallest c the search resolves "
+                        f"(c={hi:.4g}) already gives PPL ratio {r_hi:.6f}; thresholds would all be 0 (dense). "
+                        f"Use a larger ratio or a fixed --cett")
+    return results[lo]
+
+
+def steer_beta(steer: Bracket, aim: float) -> float | None:
+    """log-log slope of the steering points nearest the target (the prior for the full data)."""
+    pts = sorted((c, r) for c, r in steer.points.items() if c > 0 and r > 1)
+    a, b = sorted(sorted(pts, key=lambda p: abs(math.log((p[1] - 1) / (aim - 1))))[:2])
+    if a[0] == b[0] or a[1] == b[1]:
+        return None
+    beta = (math.log(b[1] - 1) - math.log(a[1] - 1)) / (math.log(b[0]) - math.log(a[0]))
+    return beta if 0 < beta < 50 else None

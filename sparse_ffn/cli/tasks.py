@@ -1,0 +1,27 @@
+"""`sparse-ffn tasks write`: lm-eval task configs that run stock tasks on local data files."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from sparse_ffn.cli.options import log
+
+
+def _cmd_tasks_write(args: argparse.Namespace, rest: list[str]) -> int:
+    from sparse_ffn.tasks.local import write_task_configs
+
+    names = write_task_configs(Path(args.data_dir), Path(args.out))
+    log(f"tasks: {', '.join(names)}")
+    print(Path(args.out).resolve())
+    return 0
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    t = subparsers.add_parser("tasks", help="lm-eval task configs for local data")
+    tsub = t.add_subparsers(dest="tasks_command", required=True)
+    w = tsub.add_parser("write", help="write configs for stock tasks on local files; prints the directory "
+                                      "to pass as lm_eval --include_path")
+    w.add_argument("--data-dir", required=True, help="folder with piqa/, arc_easy/, wikitext2_raw/, ...")
+    w.add_argument("--out", required=True, help="directory to write the YAML configs into")
+    w.set_defaults(func=_cmd_tasks_write)
