@@ -404,17 +404,3 @@ def create_app_from_env(env: dict | None = None) -> UltraEvalApp:
         max_batch=_env_int(env, "SPARSE_FFN_MAX_BATCH", DEFAULT_MAX_BATCH),
         max_body_bytes=_env_int(env, "SPARSE_FFN_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES),
         experts=get("SPARSE_FFN_EXPERTS"), ffn_args={k: get(f"SPARSE_FFN_{k.upper()}") for k in FFN_ARGS})
-
-
-_APP_LOCK = threading.Lock()
-
-
-def __getattr__(name: str) -> Any:
-    """`app` is built from the environment on first access (gunicorn's `module:app` lookup, in each
-    worker), never at import: the CLI and the lm-eval adapter import this module too."""
-    if name == "app":
-        with _APP_LOCK:
-            if "app" not in globals():
-                globals()["app"] = create_app_from_env()
-        return globals()["app"]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,18 +4,25 @@
     SPARSE_FFN_MODEL=DIR SPARSE_FFN_THRESHOLDS=thr.json gunicorn -w 1 -b 127.0.0.1:5002 \
         'sparse_ffn.plugin.ultraeval_server:app'
 
-`app` is built from the SPARSE_FFN_* environment on first access, in each worker, never at import.
+`app` is built from the SPARSE_FFN_* environment on first access (gunicorn's `module:app` lookup, in
+each worker), never at import: the CLI imports the server module too.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
+from sparse_ffn.model_adapters.ultraeval_server import ENV_VARS, create_app_from_env  # noqa: F401 - re-exported
 from sparse_ffn.plugin.gunicorn import gunicorn_post_fork, gunicorn_pre_fork  # noqa: F401 - gunicorn config names them here
+
+_APP_LOCK = threading.Lock()
+
 
 def __getattr__(name: str) -> Any:
     if name == "app":
-        from sparse_ffn.model_adapters import ultraeval_server
-
-        return ultraeval_server.app
+        with _APP_LOCK:
+            if "app" not in globals():
+                globals()["app"] = create_app_from_env()
+        return globals()["app"]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
