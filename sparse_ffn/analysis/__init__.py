@@ -1,0 +1,1 @@
+"""Statistics and reports over finished evaluation runs (no model code)."""
