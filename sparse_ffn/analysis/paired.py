@@ -6,7 +6,7 @@ metric computes, over the n matched items, with d_i = candidate_i - baseline_i (
 accuracy a fraction of items):
 
 - ``mean_diff`` = mean(d); ``se`` = sd(d, ddof=1) / sqrt(n);
-- a percentile bootstrap CI of mean(d): ``rng = numpy.random.default_rng(seed)``, then
+- a percentile bootstrap CI of mean(d), items in (doc_id, filter) order: ``rng = numpy.random.default_rng(seed)``, then
   ``idx = rng.integers(0, n, size=(resamples, n))`` (drawn in row chunks, which gives the same numbers),
   ``numpy.quantile(d[idx].mean(axis=1), [alpha/2, 1 - alpha/2])`` with alpha = 1 - confidence;
 - for 0/1 metrics McNemar's exact test: b = right->wrong, c = wrong->right items, the two-sided
@@ -173,7 +173,8 @@ def _same_document(a: Item, b: Item) -> bool | None:
 
 
 def pair_items(base: TaskSamples, cand: TaskSamples) -> list[tuple[Item, Item]]:
-    """The two runs' items of one task, matched by (doc_id, filter) and checked to be the same documents.
+    """The two runs' items of one task, matched by (doc_id, filter), in that order, and checked to be the
+    same documents (lm-eval's doc_hash and the hash of `doc`, wherever both runs carry them).
 
     Raises UserError when the item sets differ or a matched document differs (or cannot be compared).
     """
