@@ -1,2 +1,3 @@
-"""Analyses of sparse models and their runs: `inspect` (per-layer sparsity of one strategy) and `gate`
-(the CI quality gate over lm-eval results)."""
+"""Analyses of sparse models and their runs: `inspect` (per-layer sparsity of one strategy) and the CI
+gate (`gate`, over `lm_eval_results`, with the paired statistics of `paired` and the reports of
+`gate_report`)."""

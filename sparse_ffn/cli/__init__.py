@@ -15,7 +15,7 @@ from sparse_ffn.errors import UserError
 # Modules that add their own subcommands: each has `add_commands(subparsers)`, whose parsers set
 # `func(args, rest) -> int` as default. Imported lazily so `sparse-ffn --help` stays fast.
 COMMAND_MODULES: tuple[str, ...] = (
-    "sparse_ffn.cli.eval", "sparse_ffn.cli.models", "sparse_ffn.cli.tasks", "sparse_ffn.analysis.gate",
+    "sparse_ffn.cli.eval", "sparse_ffn.cli.models", "sparse_ffn.cli.tasks", "sparse_ffn.cli.gate",
     "sparse_ffn.cli.serve", "sparse_ffn.cli.calibrate_experts", "sparse_ffn.cli.calibrate_thresholds",
     "sparse_ffn.cli.inspect", "sparse_ffn.cli.sweep", "sparse_ffn.cli.ppl",
 )
