@@ -39,7 +39,10 @@ def _cmd_models_fetch(args: argparse.Namespace, rest: list[str]) -> int:
 def _cmd_tasks_write(args: argparse.Namespace, rest: list[str]) -> int:
     from .tasks.local import write_task_configs
 
-    names = write_task_configs(Path(args.data_dir), Path(args.out))
+    def skipped(task: str, missing: Path) -> None:
+        print(f"sparse-ffn: skipped {task}: {missing} not found", file=sys.stderr)
+
+    names = write_task_configs(Path(args.data_dir), Path(args.out), on_skip=skipped)
     print(f"tasks: {', '.join(names)}", file=sys.stderr)
     print(Path(args.out).resolve())
     return 0
@@ -74,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     tsub = t.add_subparsers(dest="tasks_command", required=True)
     w = tsub.add_parser("write", help="write configs for stock tasks on local files; prints the directory "
                                       "to pass as lm_eval --include_path")
-    w.add_argument("--data-dir", required=True, help="folder with piqa/, arc_easy/, wikitext2_raw/, ...")
+    w.add_argument("--data-dir", required=True,
+                   help="folder with piqa/, arc_easy/, hellaswag/, ... (one jsonl per task; absent ones are skipped)")
     w.add_argument("--out", required=True, help="directory to write the YAML configs into")
     w.set_defaults(func=_cmd_tasks_write)
 
