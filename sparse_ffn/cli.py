@@ -48,6 +48,13 @@ def _cmd_tasks_write(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def _cmd_tasks_suite(args: argparse.Namespace, rest: list[str]) -> int:
+    from .tasks.sparsing_law import configs_dir
+
+    print(configs_dir())
+    return 0
+
+
 # Modules that add their own subcommands: each has `add_commands(subparsers)`, whose parsers set
 # `func(args, rest) -> int` as default. Imported lazily so `sparse-ffn --help` stays fast.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -81,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder with piqa/, arc_easy/, hellaswag/, ... (one jsonl per task; absent ones are skipped)")
     w.add_argument("--out", required=True, help="directory to write the YAML configs into")
     w.set_defaults(func=_cmd_tasks_write)
+    s = tsub.add_parser("suite", help="print the folder of the shipped Sparsing Law groups over the stock "
+                                      "(hub) tasks, for lm_eval --include_path")
+    s.set_defaults(func=_cmd_tasks_suite)
 
     import importlib
 

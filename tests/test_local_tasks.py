@@ -17,15 +17,16 @@ needs_data = pytest.mark.skipif(
     not DATA_DIR.is_dir(), reason=f"shared data dir {DATA_DIR} not present (it sits beside the checkout)"
 )
 ALL = ["piqa_local", "arc_easy_local", "wikitext_local", "lambada_openai_local", "copa_local"]
+GROUPS = ["sparsing_law_commonsense_local", "sparsing_law_reading_local", "sparsing_law_local"]
 
 
 @needs_data
 def test_writes_all_task_names(tmp_path: Path) -> None:
-    """The shared data has these five (no HellaSwag, WinoGrande, BoolQ or SIQA)."""
+    """The shared data has these five (no HellaSwag, WinoGrande, BoolQ or SIQA); then the suite's groups."""
     skipped: list[str] = []
-    assert write_task_configs(DATA_DIR, tmp_path, on_skip=lambda task, _: skipped.append(task)) == ALL
+    assert write_task_configs(DATA_DIR, tmp_path, on_skip=lambda task, _: skipped.append(task)) == ALL + GROUPS
     assert skipped == ["hellaswag_local", "winogrande_local", "boolq_local", "social_iqa_local"]
-    assert sorted(p.name for p in tmp_path.glob("*.yaml")) == sorted(f"{n}.yaml" for n in ALL)
+    assert sorted(p.name for p in tmp_path.glob("*.yaml")) == sorted(f"{n}.yaml" for n in ALL + GROUPS)
 
 
 def test_skips_tasks_without_data(tmp_path: Path) -> None:
@@ -35,7 +36,7 @@ def test_skips_tasks_without_data(tmp_path: Path) -> None:
     piqa.write_text('{"goal": "g", "sol1": "a", "sol2": "b", "label": 0}\n')
     out.mkdir()
     (out / "arc_easy_local.yaml").write_text("stale")  # from an earlier run with more data
-    names = ["piqa_local"]
+    names = ["piqa_local", "sparsing_law_commonsense_local", "sparsing_law_local"]
     assert write_task_configs(data, out) == names
     assert sorted(p.name for p in out.iterdir()) == sorted(f"{n}.yaml" for n in names)
 

@@ -6,6 +6,9 @@ and metrics are the stock ones by construction; only the dataset source (a local
 `--include_path` task override a stock name (with a warning), but older 0.4.x releases silently keep the
 stock task, so a new name is the only choice that works on every supported version.
 
+The Sparsing Law groups (`sparsing_law_local` and its two categories, see `sparsing_law`) are written
+over the `_local` tasks present.
+
 Only the stock task's evaluation split is provided (the others are set to null), so few-shot examples,
 if asked for, are drawn from that split (lm-eval warns).
 """
@@ -20,6 +23,7 @@ from typing import NamedTuple
 import yaml
 
 from sparse_ffn.errors import UserError
+from sparse_ffn.tasks.sparsing_law import write_local_groups
 
 
 class TaskSpec(NamedTuple):
@@ -58,9 +62,11 @@ def stock_tasks_dir() -> Path:
 def write_task_configs(
     data_dir: Path, out_dir: Path, on_skip: Callable[[str, Path], None] | None = None
 ) -> list[str]:
-    """Write `<stock>_local.yaml` configs into out_dir for each stock task whose file is in data_dir.
+    """Write `<stock>_local.yaml` configs into out_dir for each stock task whose file is in data_dir,
+    then the `sparsing_law*_local` groups over them.
 
-    Use with `lm_eval --include_path out_dir --tasks piqa_local,...`. Returns the task names written; tasks without a data file are skipped (`on_skip(task, missing_file)`, and a stale
+    Use with `lm_eval --include_path out_dir --tasks piqa_local,...`. Returns the task names written, then
+    the group names; tasks without a data file are skipped (`on_skip(task, missing_file)`, and a stale
     config of theirs is removed). Raises UserError if data_dir holds none of the files.
     """
     data_dir, out_dir = Path(data_dir).expanduser().resolve(), Path(out_dir).expanduser().resolve()
@@ -97,4 +103,4 @@ def write_task_configs(
         cfg[f"{spec.split}_split"] = spec.split
         target.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
         written.append(task)
-    return written
+    return written + write_local_groups(out_dir, present, SUFFIX)
