@@ -16,13 +16,17 @@ DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(
     not DATA_DIR.is_dir(), reason=f"shared data dir {DATA_DIR} not present (it sits beside the checkout)"
 )
-ALL = ["piqa_local", "arc_easy_local", "wikitext_local", "lambada_openai_local"]
+ALL = ["piqa_local", "arc_easy_local", "wikitext_local", "lambada_openai_local", "copa_local"]
+GROUPS = ["sparsing_law_commonsense_local", "sparsing_law_reading_local", "sparsing_law_local"]
 
 
 @needs_data
 def test_writes_all_task_names(tmp_path: Path) -> None:
-    assert write_task_configs(DATA_DIR, tmp_path) == ALL
-    assert sorted(p.name for p in tmp_path.glob("*.yaml")) == sorted(f"{n}.yaml" for n in ALL)
+    """The shared data has these five (no HellaSwag, WinoGrande, BoolQ or SIQA); then the suite's groups."""
+    skipped: list[str] = []
+    assert write_task_configs(DATA_DIR, tmp_path, on_skip=lambda task, _: skipped.append(task)) == ALL + GROUPS
+    assert skipped == ["hellaswag_local", "winogrande_local", "boolq_local", "social_iqa_local"]
+    assert sorted(p.name for p in tmp_path.glob("*.yaml")) == sorted(f"{n}.yaml" for n in ALL + GROUPS)
 
 
 def test_skips_tasks_without_data(tmp_path: Path) -> None:
@@ -32,8 +36,9 @@ def test_skips_tasks_without_data(tmp_path: Path) -> None:
     piqa.write_text('{"goal": "g", "sol1": "a", "sol2": "b", "label": 0}\n')
     out.mkdir()
     (out / "arc_easy_local.yaml").write_text("stale")  # from an earlier run with more data
-    assert write_task_configs(data, out) == ["piqa_local"]
-    assert [p.name for p in out.iterdir()] == ["piqa_local.yaml"]
+    names = ["piqa_local", "sparsing_law_commonsense_local", "sparsing_law_local"]
+    assert write_task_configs(data, out) == names
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{n}.yaml" for n in names)
 
 
 def test_missing_data_dir_raises(tmp_path: Path) -> None:

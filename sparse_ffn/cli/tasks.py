@@ -11,9 +11,19 @@ from sparse_ffn.cli.options import log
 def _cmd_tasks_write(args: argparse.Namespace, rest: list[str]) -> int:
     from sparse_ffn.tasks.local import write_task_configs
 
-    names = write_task_configs(Path(args.data_dir), Path(args.out))
+    def skipped(task: str, missing: Path) -> None:
+        log(f"skipped {task}: {missing} not found")
+
+    names = write_task_configs(Path(args.data_dir), Path(args.out), on_skip=skipped)
     log(f"tasks: {', '.join(names)}")
     print(Path(args.out).resolve())
+    return 0
+
+
+def _cmd_tasks_suite(args: argparse.Namespace, rest: list[str]) -> int:
+    from sparse_ffn.tasks.sparsing_law import configs_dir
+
+    print(configs_dir())
     return 0
 
 
@@ -22,6 +32,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     tsub = t.add_subparsers(dest="tasks_command", required=True)
     w = tsub.add_parser("write", help="write configs for stock tasks on local files; prints the directory "
                                       "to pass as lm_eval --include_path")
-    w.add_argument("--data-dir", required=True, help="folder with piqa/, arc_easy/, wikitext2_raw/, ...")
+    w.add_argument("--data-dir", required=True,
+                   help="folder with piqa/, arc_easy/, hellaswag/, ... (one jsonl per task; absent ones are skipped)")
     w.add_argument("--out", required=True, help="directory to write the YAML configs into")
     w.set_defaults(func=_cmd_tasks_write)
+    s = tsub.add_parser("suite", help="print the folder of the shipped Sparsing Law groups over the stock "
+                                      "(hub) tasks, for lm_eval --include_path")
+    s.set_defaults(func=_cmd_tasks_suite)

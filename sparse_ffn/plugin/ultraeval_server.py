@@ -13,8 +13,10 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from sparse_ffn.model_adapters.ultraeval_server import ENV_VARS, create_app_from_env  # noqa: F401 - re-exported
-from sparse_ffn.plugin.gunicorn import gunicorn_post_fork, gunicorn_pre_fork  # noqa: F401 - gunicorn config names them here
+from sparse_ffn.model_adapters.ultraeval_server import ENV_VARS, create_app_from_env
+from sparse_ffn.plugin.gunicorn import gunicorn_post_fork, gunicorn_pre_fork
+
+__all__ = ["ENV_VARS", "create_app_from_env", "gunicorn_post_fork", "gunicorn_pre_fork"]  # and `app`, lazily
 
 _APP_LOCK = threading.Lock()
 

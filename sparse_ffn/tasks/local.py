@@ -6,6 +6,9 @@ and metrics are the stock ones by construction; only the dataset source (a local
 `--include_path` task override a stock name (with a warning), but older 0.4.x releases silently keep the
 stock task, so a new name is the only choice that works on every supported version.
 
+The Sparsing Law groups (`sparsing_law_local` and its two categories, see `sparsing_law`) are written
+over the `_local` tasks present.
+
 Only the stock task's evaluation split is provided (the others are set to null), so few-shot examples,
 if asked for, are drawn from that split (lm-eval warns).
 """
@@ -13,27 +16,37 @@ if asked for, are drawn from that split (lm-eval warns).
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
 import yaml
 
 from sparse_ffn.errors import UserError
+from sparse_ffn.tasks.sparsing_law import write_local_groups
 
 
-class _Spec(NamedTuple):
+class TaskSpec(NamedTuple):
     stock_yaml: str  # relative to lm_eval/tasks/
     data_file: str  # relative to the data dir
     split: str  # the split the stock task evaluates on
 
 
-STOCK_TASKS: dict[str, _Spec] = {
-    "piqa": _Spec("piqa/piqa.yaml", "piqa/piqa_validation.jsonl", "validation"),
-    "arc_easy": _Spec("arc/arc_easy.yaml", "arc_easy/arc_easy_test.jsonl", "test"),
-    "wikitext": _Spec(
+# stock task name -> where its stock YAML and local file are; each file is in its HF dataset's schema
+STOCK_TASKS: dict[str, TaskSpec] = {
+    "piqa": TaskSpec("piqa/piqa.yaml", "piqa/piqa_validation.jsonl", "validation"),
+    "arc_easy": TaskSpec("arc/arc_easy.yaml", "arc_easy/arc_easy_test.jsonl", "test"),
+    "wikitext": TaskSpec(
         "wikitext/wikitext.yaml", "wikitext2_raw/wikitext-2-raw-v1_test_document_level.jsonl", "test"
     ),
-    "lambada_openai": _Spec("lambada/lambada_openai.yaml", "lambada_openai/lambada_test.jsonl", "test"),
+    "lambada_openai": TaskSpec("lambada/lambada_openai.yaml", "lambada_openai/lambada_test.jsonl", "test"),
+    "hellaswag": TaskSpec("hellaswag/hellaswag.yaml", "hellaswag/hellaswag_validation.jsonl", "validation"),
+    "winogrande": TaskSpec(
+        "winogrande/default.yaml", "winogrande/winogrande_xl_validation.jsonl", "validation"
+    ),
+    "boolq": TaskSpec("super_glue/boolq/default.yaml", "boolq/boolq_validation.jsonl", "validation"),
+    "copa": TaskSpec("super_glue/copa/default.yaml", "copa/copa_validation.jsonl", "validation"),
+    "social_iqa": TaskSpec("siqa/siqa.yaml", "siqa/siqa_validation.jsonl", "validation"),
 }
 SUFFIX = "_local"
 
@@ -46,12 +59,15 @@ def stock_tasks_dir() -> Path:
     return Path(spec.origin).parent / "tasks"
 
 
-def write_task_configs(data_dir: Path, out_dir: Path) -> list[str]:
-    """Write `<stock>_local.yaml` configs into out_dir for each stock task whose file is in data_dir.
+def write_task_configs(
+    data_dir: Path, out_dir: Path, on_skip: Callable[[str, Path], None] | None = None
+) -> list[str]:
+    """Write `<stock>_local.yaml` configs into out_dir for each stock task whose file is in data_dir,
+    then the `sparsing_law*_local` groups over them.
 
-    Use with `lm_eval --include_path out_dir --tasks piqa_local,...`. Returns the task names written;
-    tasks without a data file are skipped (a stale config of theirs is removed). Raises UserError if
-    data_dir holds none of the files.
+    Use with `lm_eval --include_path out_dir --tasks piqa_local,...`. Returns the task names written, then
+    the group names; tasks without a data file are skipped (`on_skip(task, missing_file)`, and a stale
+    config of theirs is removed). Raises UserError if data_dir holds none of the files.
     """
     data_dir, out_dir = Path(data_dir).expanduser().resolve(), Path(out_dir).expanduser().resolve()
     present = {name: spec for name, spec in STOCK_TASKS.items() if (data_dir / spec.data_file).is_file()}
@@ -67,6 +83,8 @@ def write_task_configs(data_dir: Path, out_dir: Path) -> list[str]:
         target = out_dir / f"{task}.yaml"
         if name not in present:
             target.unlink(missing_ok=True)
+            if on_skip is not None:
+                on_skip(task, data_dir / spec.data_file)
             continue
         stock = tasks_dir / spec.stock_yaml
         if not stock.is_file():
@@ -85,4 +103,4 @@ def write_task_configs(data_dir: Path, out_dir: Path) -> list[str]:
         cfg[f"{spec.split}_split"] = spec.split
         target.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
         written.append(task)
-    return written
+    return written + write_local_groups(out_dir, present, SUFFIX)
