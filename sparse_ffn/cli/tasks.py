@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from sparse_ffn.cli.options import log
@@ -15,7 +16,7 @@ def _cmd_tasks_write(args: argparse.Namespace, rest: list[str]) -> int:
         log(f"skipped {task}: {missing} not found")
 
     names = write_task_configs(Path(args.data_dir), Path(args.out), on_skip=skipped)
-    log(f"tasks: {', '.join(names)}")
+    print(f"tasks: {', '.join(names)}", file=sys.stderr)
     print(Path(args.out).resolve())
     return 0
 
