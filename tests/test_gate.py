@@ -15,28 +15,33 @@ from sparse_ffn.artifacts.thresholds import ThresholdFile
 TASKS = ("piqa_local", "arc_easy_local")
 
 
-@pytest.fixture(scope="module")
-def runs(tiny_llama_dir, local_tasks, tmp_path_factory) -> dict[str, Path]:
-    """Output dirs of one dense and one cett `lm_eval --model sparse_ffn` run (the two run concurrently)."""
+def dense_and_cett_runs(root: Path, model_dir: Path, local_tasks: Path, *, log_samples: bool) -> dict[str, Path]:
+    """Output dirs of one dense and one cett `lm_eval --model sparse_ffn` run of `model_dir` on TASKS (the two
+    run concurrently; with `--log_samples` when asked)."""
     import transformers
 
-    root = tmp_path_factory.mktemp("gate_runs")
-    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
     ffns = find_ffns(model)
-    thr = ThresholdFile(thresholds=[2e-4] * len(ffns), model={"name_or_path": str(tiny_llama_dir),
+    thr = ThresholdFile(thresholds=[2e-4] * len(ffns), model={"name_or_path": str(model_dir),
                                                               **model_fingerprint(model, ffns)}).save(root / "thr.json")
     procs = {}
     for name, extra in (("dense", "strategy=dense"), ("cett", f"thresholds={thr}")):
         cmd = [str(BIN / "lm_eval"), "--model", "sparse_ffn", "--model_args",
-               f"pretrained={tiny_llama_dir},{extra},max_length=256,dtype=float32", "--tasks", ",".join(TASKS),
+               f"pretrained={model_dir},{extra},max_length=256,dtype=float32", "--tasks", ",".join(TASKS),
                "--include_path", str(local_tasks), "--limit", "8", "--device", "cpu", "--batch_size", "8",
-               "--output_path", str(root / name)]
+               "--output_path", str(root / name)] + (["--log_samples"] if log_samples else [])
         procs[name] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                        env=subprocess_env())
     for name, proc in procs.items():
         _, err = proc.communicate(timeout=900)
         assert proc.returncode == 0, err[-4000:]
     return {name: root / name for name in procs}
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_llama_dir, local_tasks, tmp_path_factory) -> dict[str, Path]:
+    """Output dirs of one dense and one cett `lm_eval --model sparse_ffn` run (the two run concurrently)."""
+    return dense_and_cett_runs(tmp_path_factory.mktemp("gate_runs"), tiny_llama_dir, local_tasks, log_samples=False)
 
 
 def _file(out_dir: Path) -> Path:

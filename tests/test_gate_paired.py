@@ -11,16 +11,13 @@ import json
 import math
 import shutil
 import statistics
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import BIN, read_results, read_samples, subprocess_env
-from sparse_ffn.core.ffn import find_ffns, model_fingerprint
-from sparse_ffn.artifacts.thresholds import ThresholdFile
-from test_gate import TASKS, gate
+from conftest import read_results, read_samples
+from test_gate import TASKS, dense_and_cett_runs, gate
 
 Z975, Z80 = statistics.NormalDist().inv_cdf(0.975), statistics.NormalDist().inv_cdf(0.8)
 
@@ -28,25 +25,7 @@ Z975, Z80 = statistics.NormalDist().inv_cdf(0.975), statistics.NormalDist().inv_
 @pytest.fixture(scope="module")
 def logged(tiny_llama_dir, local_tasks, tmp_path_factory) -> dict[str, Path]:
     """Output dirs of one dense and one cett `lm_eval --model sparse_ffn --log_samples` run (concurrently)."""
-    import transformers
-
-    root = tmp_path_factory.mktemp("paired_runs")
-    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
-    ffns = find_ffns(model)
-    thr = ThresholdFile(thresholds=[2e-4] * len(ffns), model={"name_or_path": str(tiny_llama_dir),
-                                                              **model_fingerprint(model, ffns)}).save(root / "thr.json")
-    procs = {}
-    for name, extra in (("dense", "strategy=dense"), ("cett", f"thresholds={thr}")):
-        cmd = [str(BIN / "lm_eval"), "--model", "sparse_ffn", "--model_args",
-               f"pretrained={tiny_llama_dir},{extra},max_length=256,dtype=float32", "--tasks", ",".join(TASKS),
-               "--include_path", str(local_tasks), "--limit", "8", "--device", "cpu", "--batch_size", "8",
-               "--output_path", str(root / name), "--log_samples"]
-        procs[name] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                       env=subprocess_env())
-    for name, proc in procs.items():
-        _, err = proc.communicate(timeout=900)
-        assert proc.returncode == 0, err[-4000:]
-    return {name: root / name for name in procs}
+    return dense_and_cett_runs(tmp_path_factory.mktemp("paired_runs"), tiny_llama_dir, local_tasks, log_samples=True)
 
 
 def results_file(out_dir: Path) -> Path:
