@@ -1,0 +1,1 @@
+"""Analyses of sparse FFNs (Neuronal Disentanglement: per-neuron output distributions, dense vs sparse)."""
