@@ -50,7 +50,7 @@ def _cmd_tasks_write(args: argparse.Namespace, rest: list[str]) -> int:
 COMMAND_MODULES: tuple[str, ...] = (
     "sparse_ffn.gate", "sparse_ffn.plugin.ultraeval_server", "sparse_ffn.calibrate.experts_command",
     "sparse_ffn.calibrate.command", "sparse_ffn.calibrate.inspect_command", "sparse_ffn.calibrate.sweep",
-    "sparse_ffn.ppl_command",
+    "sparse_ffn.ppl_command", "sparse_ffn.analysis.neurons_command",
 )
 
 

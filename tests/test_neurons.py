@@ -3,7 +3,9 @@ closed forms, the reservoir, a synthetic mixture-vs-Gaussian linear, and the CLI
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +13,9 @@ import torch
 from scipy import integrate, stats
 
 from sparse_ffn.analysis import neurons as nr
-from sparse_ffn.calibrate.experts import ExpertsSettings
+from sparse_ffn.calibrate.experts import ExpertsSettings, cluster_hessians, fit_router, prune_experts
+from sparse_ffn.cli import main
+from tiny import make_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -184,3 +188,120 @@ def test_mixture_neuron_gains_from_clusters_gaussian_does_not():
     summary = nr.linear_summary(s, n_boot=20)
     assert summary["wd_falls"]["2"] in (0.5, 1.0) and summary["wd"]["1"]["count"] == 2
     assert nr.pick_neurons(s, 1) == [mix]
+
+
+# ------------------------------------------------------------------------------------------------
+# The command on a tiny model
+# ------------------------------------------------------------------------------------------------
+
+def _run(capsys, args: list[str]) -> tuple[int, list[str], list[str]]:
+    rc = main(["analyze", "neurons", *args])
+    cap = capsys.readouterr()
+    return rc, cap.out.strip().splitlines(), cap.err.strip().splitlines()
+
+
+def _module_io(model_dir: Path, ids: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input, output) of layer `layer`'s down_proj for windows `ids`, from a full HF forward pass."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    got = {}
+    mod = model.model.layers[layer].mlp.down_proj
+    h = mod.register_forward_hook(lambda m, a, o: got.update(x=a[0].reshape(-1, a[0].shape[-1]),
+                                                                y=o.reshape(-1, o.shape[-1])))
+    with torch.no_grad():
+        xs, ys = [], []
+        for w in ids:
+            model(input_ids=w[None])
+            xs.append(got["x"]), ys.append(got["y"])
+    h.remove()
+    return torch.cat(xs), torch.cat(ys)
+
+
+def test_cli_calibrated_here(model_dir, text_file, capsys, tmp_path):
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "out"
+    rc, stdout, stderr = _run(capsys, [
+        "--model", str(model_dir), "--data", str(text_file), "--sparsity", "0.5", "--clusters", "2,1",
+        "--layer", "1", "--linear", "down", "--tokens", "256", "--seq-len", "64", "--calib-tokens", "512",
+        "--reservoir", "256", "--top", "2", "--bootstrap", "50", "--device", "cpu", "--out-dir", str(out)])
+    assert rc == 0, stderr
+    last = json.loads(stdout[-1])
+    assert last["clusters"] == [1, 2] and last["neurons"] == 64 and last["tokens"] == 256
+    rep = json.loads(Path(last["json"]).read_text())
+    assert Path(last["json"]).name == "neurons-L1-down_proj-s0.5.json"
+    for key in ("png", "summary_png"):
+        assert Path(last[key]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert rep["tokens"]["calibration"][0]["range"] == [0, 512]
+    assert rep["tokens"]["measured"]["range"] == [512, 768] and rep["tokens"]["disjoint"] is True
+    assert rep["model"]["weight_hash"].startswith("sha256:") and len(rep["tokens"]["measured"]["sha256"]) == 64
+    wd1, wd2 = (np.array(rep["per_neuron"]["wd"][k], dtype=float) for k in ("1", "2"))
+    np.testing.assert_allclose(rep["per_neuron"]["ri"]["2"], (wd1 - wd2) / wd1, rtol=1e-12)
+    assert len(rep["plotted_neurons"]) == 2 and rep["plotted_neurons"][0]["ri"]["2"] == max(rep["per_neuron"]["ri"]["2"])
+    assert rep["summary"]["wd"]["2"]["median"] == pytest.approx(float(np.median(wd2)))
+
+    # independently: the dense outputs over tokens 512..767 (a full HF forward with a hook) ...
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = torch.tensor(tok(text_file.read_text())["input_ids"])
+    x_cal, _ = _module_io(model_dir, ids[:512].view(8, 64), 1)
+    x, y = _module_io(model_dir, ids[512:768].view(4, 64), 1)
+    np.testing.assert_allclose(rep["per_neuron"]["mean"], y.double().mean(0).numpy(), atol=1e-5)
+    np.testing.assert_allclose(rep["per_neuron"]["kurtosis"], stats.kurtosis(y.double().numpy(), axis=0), atol=1e-3)
+    # ... and SparseGPT (n = 1) calibrated on tokens 0..511 only: WD_1 as scipy computes it
+    settings = ExpertsSettings(num_clusters=1, sparsity=0.5)
+    router, labels, _ = fit_router(x_cal, settings, torch.device("cpu"))
+    from transformers import AutoModelForCausalLM
+
+    w = AutoModelForCausalLM.from_pretrained(model_dir).model.layers[1].mlp.down_proj.weight.detach()
+    pruned, _ = prune_experts(w, cluster_hessians(x_cal, labels, 1, torch.device("cpu")), settings, "t")
+    y1 = (x @ pruned[0].T).double().numpy()
+    want = [stats.wasserstein_distance(y.double().numpy()[:, j], y1[:, j]) for j in range(64)]
+    np.testing.assert_allclose(wd1, want, atol=1e-5)
+
+
+def test_cli_with_artifacts_skips_their_tokens(model_dir, text_file, capsys, tmp_path):
+    arts = []
+    for k in (1, 2):
+        d = tmp_path / f"k{k}"
+        rc = main(["calibrate", "experts", "--model", str(model_dir), "--data", str(text_file), "--sparsity", "0.5",
+                   "--num-clusters", str(k), "--nsamples", "4", "--seq-len", "32", "--kmeans-restarts", "1",
+                   "--quiet", "--out", str(d)])
+        assert rc == 0
+        arts.append(str(d))
+    capsys.readouterr()
+    out = tmp_path / "out"
+    rc, stdout, stderr = _run(capsys, ["--model", str(model_dir), "--data", str(text_file), "--experts", *arts[::-1],
+                                       "--layer", "0", "--linear", "gate_proj", "--tokens", "192", "--seq-len", "64",
+                                       "--neurons", "0,127", "--bootstrap", "20", "--out-dir", str(out)])
+    assert rc == 0, stderr
+    rep = json.loads(Path(json.loads(stdout[-1])["json"]).read_text())
+    assert rep["linear"]["role"] == "gate" and rep["linear"]["d_out"] == 128 and rep["clusters"] == [1, 2]
+    assert rep["tokens"]["measured"]["range"] == [128, 320]  # after the 4 x 32 calibration tokens
+    assert rep["tokens"]["disjoint"] is True and [c["same_text_as_measured"] for c in rep["tokens"]["calibration"]] == [True, True]
+    assert rep["experts"]["2"]["source"] == str(Path(arts[1]).resolve()) and rep["experts"]["2"]["settings"]["num_clusters"] == 2
+    assert [p["neuron"] for p in rep["plotted_neurons"]] == [0, 127]
+    assert sum(rep["measurement"]["usage"]["2"]) == 192 and rep["measurement"]["sample_size"] == 192
+    assert all(len(v) == 128 for v in rep["per_neuron"]["wd"].values())
+
+    other = make_tiny_model("llama", tmp_path / "other", seed=1, initializer_range=0.1)
+    capsys.readouterr()
+    for args, needle in (
+        (["--experts", *arts, "--layer", "3", "--linear", "up"], "--layer 3: the model has 3 layers"),
+        (["--experts", *arts, "--layer", "0", "--linear", "fc9"], "--linear fc9: layer 0 has gate (gate_proj)"),
+        (["--experts", *arts, "--layer", "0", "--linear", "up", "--neurons", "0,128"], "--neurons 0,128"),
+        (["--experts", arts[1], "--layer", "0", "--linear", "up"], "RI needs an n = 1"),
+        (["--experts", *arts, "--layer", "0", "--linear", "up", "--clusters", "1,2"], "--clusters: only with --sparsity"),
+        (["--sparsity", "0.5", "--clusters", "2,4", "--layer", "0", "--linear", "up"], "must include 1"),
+        (["--sparsity", "0.5", "--clusters", "1,1", "--layer", "0", "--linear", "up"], "repeated"),
+        (["--sparsity", "0.5", "--clusters", "1,x", "--layer", "0", "--linear", "up"], "comma-separated integers"),
+        (["--sparsity", "0.5", "--clusters", "0,1", "--layer", "0", "--linear", "up"], ">= 1"),
+        (["--sparsity", "1.5", "--layer", "0", "--linear", "up"], "--sparsity 1.5"),
+    ):
+        rc, _, err = _run(capsys, ["--model", str(model_dir), "--data", str(text_file), *args, "--tokens", "64",
+                                   "--out-dir", str(tmp_path / "bad")])
+        assert rc == 2 and len(err) == 1 and err[0].startswith("sparse-ffn: error: ") and needle in err[0], (args, err)
+    rc, _, err = _run(capsys, ["--model", str(other), "--data", str(text_file), "--experts", *arts, "--layer", "0",
+                               "--linear", "up", "--tokens", "64", "--out-dir", str(tmp_path / "bad")])
+    assert rc == 2 and len(err) == 1 and "made for another model (weight_hash" in err[0], err
+    assert not (tmp_path / "bad").exists()
