@@ -32,6 +32,7 @@ from torch import Tensor
 from sparse_ffn.core.experts import ROUTER_OF
 from sparse_ffn.core.router import Router
 from sparse_ffn.errors import UserError
+from sparse_ffn.artifacts.integrity import check_layer_meta, check_layer_tensors
 from sparse_ffn.artifacts.provenance import check_header
 
 FORMAT = "sparse-ffn/experts"
@@ -117,6 +118,19 @@ def layer_bytes(layer: int, routers: dict[str, Router], experts: dict[str, Tenso
     return save(tensors, metadata={"sparse_ffn": json.dumps(meta, sort_keys=True)}), meta
 
 
+def read_layer_meta(path: str | os.PathLike) -> dict:
+    """The checked metadata of one layer file, without reading its tensors."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("sparse_ffn", "null"))
+    except Exception as e:  # noqa: BLE001 - a damaged file is the user's to fix
+        raise UserError(f"{path}: not a readable safetensors layer file ({type(e).__name__})") from None
+    check_header(meta, FORMAT, VERSION, str(path), "experts layer file")
+    return check_layer_meta(meta, str(path))
+
+
 def load_layer_file(path: str | os.PathLike) -> tuple[dict[str, Router], dict[str, Tensor], dict]:
     """(routers by name, experts (K, d_out, d_in) by role, metadata) of one layer file."""
     from safetensors import safe_open
@@ -131,6 +145,8 @@ def load_layer_file(path: str | os.PathLike) -> tuple[dict[str, Router], dict[st
     except Exception as e:  # noqa: BLE001 - a damaged file is the user's to fix
         raise UserError(f"{path}: not a readable safetensors layer file ({type(e).__name__}: {e})") from None
     check_header(meta, FORMAT, VERSION, str(path), "experts layer file")
+    check_layer_meta(meta, str(path))
+    check_layer_tensors(tensors, meta, str(path))
     routers = {}
     for name in meta["routers"]:
         routers[name] = Router(tensors.get(f"router.{name}.mean"), tensors.get(f"router.{name}.components"),
@@ -138,6 +154,9 @@ def load_layer_file(path: str | os.PathLike) -> tuple[dict[str, Router], dict[st
     experts = {}
     for role, info in meta["experts"].items():
         k, d_out, d_in = info["shape"]
-        experts[role] = torch.stack([decode_weight(tensors, f"expert.{role}.{i}", (d_out, d_in), info["encoding"][i])
-                                     for i in range(k)])
+        try:
+            experts[role] = torch.stack([decode_weight(tensors, f"expert.{role}.{i}", (d_out, d_in),
+                                                       info["encoding"][i]) for i in range(k)])
+        except (RuntimeError, IndexError) as e:  # e.g. a bitmask whose bits do not count the values
+            raise UserError(f"{path}: {role} experts do not decode ({type(e).__name__})") from None
     return routers, experts, meta

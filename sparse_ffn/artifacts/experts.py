@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,11 @@ from sparse_ffn.core.experts import ExpertsHandle, install_layer
 from sparse_ffn.core.ffn import FFN, FFNNames, decoder_layers, find_ffns, model_fingerprint
 from sparse_ffn.core.router import Router
 from sparse_ffn.errors import UserError
-from sparse_ffn.artifacts.atomic import atomic_write_bytes, atomic_write_json
-from sparse_ffn.artifacts.expert_files import FORMAT, VERSION, layer_bytes, layer_file, load_layer_file
+from sparse_ffn.artifacts.atomic import atomic_write_bytes, atomic_write_json, check_writable, write_error
+from sparse_ffn.artifacts.expert_files import FORMAT, VERSION, layer_bytes, layer_file, load_layer_file, \
+    read_layer_meta
+from sparse_ffn.artifacts.integrity import check_digest, check_layer_fits, check_manifest, layer_path, \
+    partial_entry_problem
 from sparse_ffn.artifacts.provenance import check_fingerprint, check_header, created_by
 
 MANIFEST = "manifest.json"
@@ -56,7 +60,19 @@ def read_manifest(artifact_dir: str | os.PathLike) -> dict:
     check_header(m, FORMAT, VERSION, str(path), "experts manifest")
     if not isinstance(m.get("layers"), list) or not m["layers"]:
         raise UserError(f"{path}: no layers")
-    return m
+    return check_manifest(m, str(path))
+
+
+def read_layer(artifact_dir: str | os.PathLike, manifest: dict, layer: int) -> tuple[dict, dict, dict]:
+    """(routers, experts, metadata) of layer `layer`, checked against the manifest: the file inside the
+    directory, its size and sha256, its own `layer` field, K and roles (`artifacts.integrity`)."""
+    where = str(Path(artifact_dir) / MANIFEST)
+    entry = manifest["layers"][layer]
+    path = layer_path(artifact_dir, entry, where)
+    check_digest(path, entry, where)
+    routers, experts, meta = load_layer_file(path)
+    check_layer_fits(meta, layer, manifest["settings"], manifest["layout"], str(path))
+    return routers, experts, meta
 
 
 def apply_experts_(model: nn.Module, artifact_dir: str | os.PathLike, names: FFNNames | None = None, *,
@@ -78,8 +94,8 @@ def apply_experts_(model: nn.Module, artifact_dir: str | os.PathLike, names: FFN
     handle = ExpertsHandle(model, ffns, decoder_layers(model, names.layers if names else None)[1],
                            manifest=manifest, source=str(artifact_dir))
     try:
-        for ffn, entry in zip(ffns, manifest["layers"]):
-            routers, experts, _ = load_layer_file(Path(artifact_dir) / entry["file"])
+        for i, (ffn, entry) in enumerate(zip(ffns, manifest["layers"])):
+            routers, experts, _ = read_layer(artifact_dir, manifest, i)
             install_layer(handle, ffn, routers, experts, where=str(Path(artifact_dir) / entry["file"]))
     except BaseException:
         handle.remove()
@@ -106,6 +122,7 @@ class ArtifactWriter:
             raise UserError(f"{self.out}: already exists (pass --overwrite to replace it)")
         if self.out.exists() and not self.out.is_dir():
             raise UserError(f"{self.out}: exists and is not a directory")
+        check_writable(self.out, "experts directory", directory=True)
         if self.partial.exists() and not self.overwrite and self._partial_header() not in (None, self._norm(self.header)):
             raise UserError(f"{self.partial}: an unfinished calibration with other settings, model or data; "
                             f"delete it or pass --overwrite")
@@ -125,13 +142,46 @@ class ArtifactWriter:
         self.check()
         if self.partial.exists() and (self.overwrite and self._partial_header() != self._norm(self.header)):
             shutil.rmtree(self.partial)
-        self.partial.mkdir(parents=True, exist_ok=True)
+        try:
+            self.partial.mkdir(parents=True, exist_ok=True)  # mode 0777 & ~umask
+        except OSError as e:
+            raise write_error(self.partial, e) from None
         if self._partial_header() is None:
             atomic_write_json(self.partial / "progress.json", self._norm(self.header))
         done = 0
         while (self.partial / layer_file(done)).is_file() and (self.partial / f"layer_{done:03d}.json").is_file():
+            problem = self._untrusted(done)
+            if problem:  # never trusted: this layer and every later one are recomputed (deterministically)
+                print(f"sparse-ffn: warning: {problem}; recomputing from layer {done}", file=sys.stderr, flush=True)
+                for path in self.partial.glob("layer_[0-9][0-9][0-9].*"):
+                    if int(path.name[6:9]) >= done:
+                        path.unlink()
+                break
             done += 1
         return done
+
+    def _header_digest(self) -> str:
+        return hashlib.sha256(json.dumps(self._norm(self.header), sort_keys=True).encode()).hexdigest()
+
+    def _untrusted(self, layer: int) -> str | None:
+        """Why the finished-looking partial layer `layer` cannot be trusted (None: it can): its marker
+        names another layer, file or calibration, the file's size/sha256 differ from the marker, or its
+        own metadata names another layer or K (`artifacts.integrity.partial_entry_problem`)."""
+        marker = self.partial / f"layer_{layer:03d}.json"
+        try:
+            entry = json.loads(marker.read_text())
+        except (OSError, ValueError) as e:
+            return f"{marker}: unreadable ({type(e).__name__})"
+        path = self.partial / layer_file(layer)
+        try:
+            problem = partial_entry_problem(entry, layer, layer_file(layer), self._header_digest(), str(marker))
+            if problem is None:
+                check_digest(path, entry, str(marker))
+                check_layer_fits(read_layer_meta(path), layer, self.header["settings"], self.header["layout"],
+                                 str(path))
+        except UserError as e:
+            return str(e)
+        return problem
 
     def layer_path(self, layer: int) -> Path:
         return self.partial / layer_file(layer)
@@ -141,26 +191,32 @@ class ArtifactWriter:
         atomic_write_bytes(self.partial / layer_file(layer), data)
         entry = {"layer": layer, "file": layer_file(layer), "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
                  "stats": stats}
-        atomic_write_json(self.partial / f"layer_{layer:03d}.json", entry)  # written last: marks the layer done
+        # written last: marks the layer done, for this calibration (header digest) only
+        atomic_write_json(self.partial / f"layer_{layer:03d}.json", {**entry, "partial_of": self._header_digest()})
         return entry
 
     def finish(self, num_layers: int, run: dict) -> Path:
         layers = []
         for layer in range(num_layers):
-            layers.append(json.loads((self.partial / f"layer_{layer:03d}.json").read_text()))
+            entry = json.loads((self.partial / f"layer_{layer:03d}.json").read_text())
+            entry.pop("partial_of", None)
+            layers.append(entry)
         manifest = {**self.header, "layers": layers, "run": run,
                     "created_by": created_by(timestamp=False)}
         atomic_write_json(self.partial / MANIFEST, manifest)
         for layer in range(num_layers):
             (self.partial / f"layer_{layer:03d}.json").unlink()
         (self.partial / "progress.json").unlink()
-        old = None
-        if self.out.exists():
-            old = self.out.with_name(self.out.name + ".old")
-            if old.exists():
+        try:
+            old = None
+            if self.out.exists():
+                old = self.out.with_name(self.out.name + ".old")
+                if old.exists():
+                    shutil.rmtree(old)
+                os.replace(self.out, old)
+            os.replace(self.partial, self.out)
+            if old is not None:
                 shutil.rmtree(old)
-            os.replace(self.out, old)
-        os.replace(self.partial, self.out)
-        if old is not None:
-            shutil.rmtree(old)
+        except OSError as e:
+            raise write_error(self.out, e) from None
         return self.out

@@ -28,9 +28,25 @@ from sparse_ffn.errors import UserError
 from sparse_ffn.artifacts.atomic import atomic_write_json
 from sparse_ffn.artifacts import provenance
 from sparse_ffn.artifacts.provenance import check_fingerprint, check_header
+from sparse_ffn.artifacts.schema import CREATED_BY, DICT, INT, LIST, NULL, NUM, STR, Field, ListOf, Obj, \
+    check_fields
 
 FORMAT = "sparse-ffn/thresholds"
 VERSION = 1
+FIELDS = {  # the types of every documented field (thresholds themselves: `_check_values`)
+    "strategy": Field((STR,)),
+    "model": Field(Obj({"name_or_path": Field((STR, NULL)), "num_layers": Field((INT,)), "d_ff": Field((INT,)),
+                        "weight_hash": Field((STR, NULL))})),
+    "calibration": Field(Obj({
+        "method": Field((STR,)), "cett": Field((NUM,)), "target_ppl_ratio": Field((NUM, NULL)),
+        "ppl_ratio": Field((NUM,)), "ppl_dense": Field((NUM,)), "ppl_sparse": Field((NUM,)),
+        "data": Field(Obj({"path": Field((STR,)), "sha256": Field((STR, NULL))})), "tokens": Field((INT,)),
+        "seq_len": Field((INT,)), "windows": Field((INT,)), "search": Field((LIST,)), "timing": Field((DICT,)),
+        "memory": Field((DICT,)), "eval": Field((DICT,))})),
+    "sparsity": Field(Obj({"mean": Field((NUM,)), "per_layer": Field(ListOf((NUM,))), "tokens": Field((INT,))},
+                          nullable=True)),
+    "created_by": Field(CREATED_BY),
+}
 
 
 @dataclass
@@ -103,6 +119,7 @@ def load(path: str | os.PathLike) -> ThresholdFile:
     except json.JSONDecodeError as e:
         raise UserError(f"{where}: not valid JSON ({e.msg} at line {e.lineno})") from None
     check_header(obj, FORMAT, VERSION, where, "thresholds file")
+    check_fields(obj, FIELDS, where)
     if obj.get("strategy", "cett") != "cett":
         raise UserError(f"{where}: strategy {obj.get('strategy')!r} is not 'cett'")
     values = _check_values(obj.get("thresholds"), where)

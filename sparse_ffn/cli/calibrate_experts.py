@@ -17,6 +17,7 @@ from sparse_ffn.cli.options import (
     add_placement_options,
     add_threads_option,
     calibrate_subparsers,
+    check_out_dir,
     check_positive,
     ffn_names_from,
     log,
@@ -76,7 +77,7 @@ def _cmd_calibrate_experts(args: argparse.Namespace, rest: list[str]) -> int:
     names = ffn_names_from(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    out = Path(args.out)
+    out = check_out_dir(args.out, "--out")
     if out.exists() and not args.overwrite:
         raise UserError(f"{out}: already exists (pass --overwrite to replace it)")
     device, device_map = resolve_device(args.device), parse_device_map(args.device_map)

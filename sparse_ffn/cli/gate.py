@@ -26,6 +26,11 @@ def _cmd_gate(args: argparse.Namespace, rest: list[str]) -> int:
         raise UserError(f"--max-ppl-ratio: must be > 0, got {args.max_ppl_ratio:g}")
     if budgets.min_sparsity is not None and not 0 <= budgets.min_sparsity <= 1:
         raise UserError(f"--min-sparsity: must be in [0, 1], got {args.min_sparsity:g}")
+    from sparse_ffn.artifacts.atomic import check_writable
+
+    for flag, path in (("--summary", args.summary), ("--plot", args.plot)):
+        if path:
+            check_writable(path, flag)
     result = gate(args.baseline, args.candidate, budgets, args.baseline_samples, args.candidate_samples)
     if args.summary:
         atomic_write_bytes(args.summary, render_markdown(result).encode())

@@ -123,16 +123,14 @@ def parse_bytes(text: str, flag: str = "--max-activation-memory") -> int | None:
 
 
 def check_out_dir(path: str, flag: str = "--out-dir") -> Path:
-    """--out-dir must be a directory or not exist yet."""
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{flag} {path}: exists and is not a directory")
-    return out
+    """--out-dir must be a directory or not exist yet, and be writable (`artifacts.atomic.check_writable`)."""
+    from ..artifacts.atomic import check_writable
+
+    return check_writable(path, flag, directory=True)
 
 
 def check_out_file(path: str, flag: str = "--out") -> Path:
-    """--out must be a file path (not an existing directory)."""
-    out = Path(path)
-    if out.is_dir():
-        raise UserError(f"{flag} {path}: is a directory")
-    return out
+    """--out must be a file path (not an existing directory) that can be written."""
+    from ..artifacts.atomic import check_writable
+
+    return check_writable(path, flag)
