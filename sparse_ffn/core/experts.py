@@ -74,17 +74,22 @@ class ExpertUsageStats(TokenCounter):
     def summary(self) -> dict:
         """{"tokens", "per_layer": [{"layer", "<router>": [tokens per expert]}], "balance": mean over
         routers of (entropy of the usage / log K), 1 = uniform}."""
-        counts, tokens = self.counts()
-        layers: dict[int, dict] = {}
-        balance = []
-        for (layer, router), c in sorted(counts.items()):
-            layers.setdefault(layer, {"layer": layer})[router] = c
-            total = sum(c)
-            if len(c) > 1 and total:
-                p = [x / total for x in c if x]
-                balance.append(-sum(x * math.log(x) for x in p) / math.log(len(c)))
-        return {"tokens": tokens, "per_layer": list(layers.values()),
-                "balance": sum(balance) / len(balance) if balance else None}
+        return usage_summary(*self.counts())
+
+
+def usage_summary(counts: dict[tuple[int, str], list[int]], tokens: int) -> dict:
+    """`ExpertUsageStats.summary` from raw counts ({(layer, router): tokens per expert}, tokens counted),
+    e.g. summed over server processes."""
+    layers: dict[int, dict] = {}
+    balance = []
+    for (layer, router), c in sorted(counts.items()):
+        layers.setdefault(layer, {"layer": layer})[router] = c
+        total = sum(c)
+        if len(c) > 1 and total:
+            p = [x / total for x in c if x]
+            balance.append(-sum(x * math.log(x) for x in p) / math.log(len(c)))
+    return {"tokens": tokens, "per_layer": list(layers.values()),
+            "balance": sum(balance) / len(balance) if balance else None}
 
 
 class ExpertLinear(nn.Module):

@@ -62,10 +62,15 @@ class SparsityStats(TokenCounter):
 
     def summary(self) -> dict:
         """{"tokens", "mean", "per_layer"}: sparsity = inactive / (tokens * d_ff); mean over layers."""
-        inactive, tokens = self.counts()
-        per_layer = [c / (tokens * d) if tokens else 0.0 for c, d in zip(inactive, self.d_ff)]
-        mean = sum(per_layer) / len(per_layer) if per_layer else 0.0
-        return {"tokens": tokens, "mean": mean, "activation_ratio": 1.0 - mean, "per_layer": per_layer}
+        return sparsity_summary(*self.counts(), self.d_ff)
+
+
+def sparsity_summary(inactive: list[int], tokens: int, d_ff: list[int]) -> dict:
+    """`SparsityStats.summary` from raw counts (e.g. summed over server processes): inactive (token,
+    neuron) pairs per layer, tokens counted, FFN width per layer."""
+    per_layer = [c / (tokens * d) if tokens else 0.0 for c, d in zip(inactive, d_ff)]
+    mean = sum(per_layer) / len(per_layer) if per_layer else 0.0
+    return {"tokens": tokens, "mean": mean, "activation_ratio": 1.0 - mean, "per_layer": per_layer}
 
 
 class SparsityHandle:

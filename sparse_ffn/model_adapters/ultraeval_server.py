@@ -1,26 +1,36 @@
 """Serve a dense or sparse causal LM over UltraEval's HTTP protocol (its `GeneralModel` client).
 
-    sparse-ffn serve --model DIR --thresholds thr.json            # http://127.0.0.1:5002/infer
-    SPARSE_FFN_MODEL=DIR SPARSE_FFN_THRESHOLDS=thr.json gunicorn -w 1 -b 127.0.0.1:5002 \
-        'sparse_ffn.plugin.ultraeval_server:app'
+    sparse-ffn serve --model DIR --thresholds thr.json            # gunicorn, http://127.0.0.1:5002/infer
+    SPARSE_FFN_MODEL=DIR SPARSE_FFN_THRESHOLDS=thr.json gunicorn -c python:sparse_ffn.plugin.gunicorn_conf
 
-Protocol. `POST /infer` with `{"params": {...}, "instances": ["prompt", ...]}`; unknown params keys
-are ignored. With `prompt_logprobs` set (not null) the answer is one list per instance holding the
-log-probability of every prompt token except the first (vLLM's `prompt_logprobs[1:]`); otherwise one
-generated string per instance (vLLM's `max_tokens`, `temperature` (0: greedy), `top_p`, `top_k` (-1:
-none), `stop`, `seed`, `repetition_penalty`, `stop_token_ids`, `ignore_eos`, `skip_special_tokens`;
-`n` is accepted and one continuation is returned, as UltraEval's own vLLM server does). Prompts are
-tokenised like vLLM does (the tokenizer's special tokens, e.g. BOS, included).
+Protocol. `POST /infer` with `{"params": {...}, "instances": ["prompt", ...]}`. With `prompt_logprobs`
+set (not null) the answer is one list per instance holding the log-probability of every prompt token
+except the first (vLLM's `prompt_logprobs[1:]`); otherwise one generated string per instance, or a list
+of `n` strings when n > 1 (vLLM's SamplingParams: see `ultraeval_protocol` and `ultraeval_generate`;
+a vLLM parameter we do not implement is a 400 naming it, never ignored). Prompts are tokenised like vLLM
+does (the tokenizer's special tokens, e.g. BOS, included).
+
+Which problem gets what (the rule): anything wrong with the request itself (the body, its JSON, a
+parameter, an instance that is not a non-empty string) refuses the whole request with a 4xx and
+`{"error": "..."}` naming it, before anything runs, and nothing is counted. The one
+per-instance problem, a prompt longer than the model's context, is answered in its own slot: by default
+(`overlong="truncate"`) its tokens are cut from the left, as UltraEval's own transformers server does
+(log-probs: the last `context` tokens, so that instance's list is shorter than its prompt; generation: the
+last `context - min(max_tokens, context // 2)` tokens, so there is room to generate); the answer's
+`X-Sparse-FFN-Truncated` header lists `[{"instance", "tokens", "kept"}]`, the log says so, and `/stats`
+counts `truncated`. `overlong="refuse"` answers such a request with a 400 instead. Unknown params keys are
+ignored and named in `X-Sparse-FFN-Ignored-Params`.
 
 Log-probabilities run the prompts right-padded with an attention mask and forward each distinct input
 `tokens[:-1]` once per request (options that differ only in their last token share one row), which is
 exactly what lm-eval's `hf`/`sparse_ffn` models forward for `(context, continuation)`; so values and
-the sparsity counted match the lm-eval adapter. Generation runs `model.generate` on left-padded
-batches. Sparsity is counted by the masking core's "auto" mode: positions whose attention mask is 1.
+the sparsity (and expert usage, with experts) counted match the lm-eval adapter. Generation runs
+`model.generate` on left-padded batches. Counting: the masking core's "auto" mode (attention mask 1).
 
-`GET /stats` gives the sparsity so far, `POST /stats/reset` starts counting afresh (answers the counts
-before the reset). Bad requests get a 4xx and `{"error": "..."}` naming the problem, and change
-nothing. One lock serialises the model; `GET /stats` never waits for it.
+`GET /stats` gives the counts so far summed over every worker process (`serve_stats`), `POST
+/stats/reset` starts counting afresh (answers the counts before the reset). One lock serialises the
+model; `GET /stats` never waits for it. Request bodies: at most `max_body_bytes` (413 from the
+Content-Length, before the body is read) and JSON nested at most `MAX_JSON_DEPTH` levels (400).
 
 This module imports only the standard library at import time (the `sparse-ffn` CLI imports it to
 build its parser); torch and transformers are imported when a model is loaded.
@@ -33,24 +43,24 @@ import os
 import sys
 import threading
 import traceback
-from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from sparse_ffn import __version__
 from sparse_ffn.core.names import FFN_ARGS
 from sparse_ffn.errors import UserError
 from sparse_ffn.model_adapters.loading import context_length, load_model_and_tokenizer
+from sparse_ffn.model_adapters.serve_stats import StatsStore, now, summarize
 from sparse_ffn.model_adapters.sparsity_setup import resolve_sparsity
-from sparse_ffn.model_adapters.ultraeval_protocol import BadRequest, GenerationParams, parse_generation_params, \
-    parse_request, wants_logprobs
+from sparse_ffn.model_adapters.ultraeval_protocol import BadRequest, GenerationParams, chunks, \
+    parse_generation_params, parse_request, unknown_params, wants_logprobs
 
 if TYPE_CHECKING:  # pragma: no cover
     from sparse_ffn.model_adapters.sparsity_setup import Applied
 
 DEFAULT_MAX_BATCH = 8
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
-_DRAIN_LIMIT = 64 * 1024 * 1024  # read (and drop) at most this much of an oversized body before answering
-
+OVERLONG = ("truncate", "refuse")
+_DRAIN_LIMIT = 1 << 20  # an oversized body up to this size is read (and dropped) so the client sees the 413
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -61,99 +71,128 @@ _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Al
 _INFER_PATHS = ("/infer", "/", "/vllm-url-infer")
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _chunks(items: list, size: int) -> Iterator[list]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
-
-
 class UltraEvalApp:
     """WSGI application serving one (sparsified) model. Build it with `create_app`."""
 
     def __init__(self, model: Any, tokenizer: Any, applied: Applied, *, model_name: str,
-                 max_batch: int = DEFAULT_MAX_BATCH, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+                 max_batch: int = DEFAULT_MAX_BATCH, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                 overlong: str = "truncate", stats_dir: str | os.PathLike | None = None) -> None:
         if max_batch < 1:
             raise UserError(f"--max-batch {max_batch}: must be >= 1")
         if max_body_bytes < 1:
             raise UserError(f"--max-body-bytes {max_body_bytes}: must be >= 1")
+        if overlong not in OVERLONG:
+            raise UserError(f"--overlong {overlong}: must be one of {', '.join(OVERLONG)}")
         self.model, self.tokenizer, self.applied, self.info = model, tokenizer, applied, applied.info
         self.handle = applied.masking
         self.model_name = model_name
-        self.max_batch, self.max_body_bytes = max_batch, max_body_bytes
+        self.max_batch, self.max_body_bytes, self.overlong = max_batch, max_body_bytes, overlong
         self.context_length = context_length(model, tokenizer)
         self.device = next(model.parameters()).device
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0)
         eos = model.generation_config.eos_token_id
         self.eos_ids: tuple[int, ...] = tuple(eos if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos]))
-        self.model_lock = threading.Lock()      # the model, its hooks and the sparsity counts
+        self.model_lock = threading.Lock()      # the model, its hooks and the counters
         self.tokenizer_lock = threading.Lock()  # HF fast tokenizers are not safe to share between threads
-        self._snapshot_lock = threading.Lock()
-        self.started = _now()
-        self.handle.stats.mode = "auto"
-        self.handle.stats.reset()
-        self._requests = self._instances = 0
-        self._since = self.started
-        self._snapshot = self._read_stats()
+        self.count_lock = threading.Lock()      # the request counts and the last raw counters
+        self.started = now()
+        for counter in applied.counters():
+            counter.mode = "auto"
+            counter.reset()
+        self.counts = {"requests": 0, "instances": 0, "truncated_instances": 0, "truncated_tokens": 0}
+        self.store = StatsStore(stats_dir, self.handle.stats.d_ff)
+        self._raw = self._read_raw()
 
     # -- stats ---------------------------------------------------------------------------------------
-    def _read_stats(self) -> dict:
-        """Call with the model lock held (or before serving)."""
-        return {"model": self.model_name, **self.info, "sparsity": self.handle.stats.summary(),
-                "requests": self._requests, "instances": self._instances, "since": self._since,
-                "pid": os.getpid()}  # each gunicorn worker counts its own
+    def _read_raw(self) -> dict:
+        """The counters' cumulative raw counts (call with the model lock held, or before serving)."""
+        inactive, tokens = self.handle.stats.counts()
+        raw: dict[str, Any] = {"sparsity": {"d_ff": list(self.handle.stats.d_ff), "inactive": inactive,
+                                            "tokens": tokens}, "experts": None}
+        if self.applied.experts is not None:
+            counts, e_tokens = self.applied.experts.stats.counts()
+            raw["experts"] = {"counts": {f"{layer}:{router}": c for (layer, router), c in counts.items()},
+                              "tokens": e_tokens}
+        return raw
+
+    def _publish(self, raw: dict | None = None, **add: int) -> None:
+        with self.count_lock:
+            if raw is not None:
+                self._raw = raw
+            for k, v in add.items():
+                self.counts[k] += v
+            record = {"pid": os.getpid(), "started": self.started, **self.counts, **self._raw}
+            self.store.publish(record)
+
+    def share_stats(self, directory: str | os.PathLike) -> None:
+        """Count in `directory` from now on (a worker forked from a process that built the app)."""
+        self.store = StatsStore(directory, self.handle.stats.d_ff)
 
     def stats(self) -> dict:
-        """The counts as of the last finished request (never waits for a running one)."""
-        with self._snapshot_lock:
-            return json.loads(json.dumps(self._snapshot))
+        """The counts of every worker since the last reset (never waits for a running request)."""
+        totals, records, base = self.store.totals()
+        return {"model": self.model_name, **self.info, **summarize(totals), "since": base["since"] or self.started,
+                "workers": [{"pid": r["pid"], "started": r["started"], "requests": r["requests"]} for r in records],
+                "pid": os.getpid()}
 
     def reset_stats(self) -> dict:
-        """Start counting afresh; returns the counts before the reset."""
-        with self.model_lock:
-            before = self._read_stats()
-            self.handle.stats.reset()
-            self._requests = self._instances = 0
-            self._since = _now()
-            snapshot = self._read_stats()
-            with self._snapshot_lock:
-                self._snapshot = snapshot
+        """Start counting afresh (in every worker); returns the counts before the reset."""
+        before = self.stats()
+        self.store.reset()
         return before
 
     # -- inference -----------------------------------------------------------------------------------
-    def tokenize(self, instances: list[str]) -> list[list[int]]:
+    def tokenize(self, instances: list[str], gen: GenerationParams) -> tuple[list[list[int]], list[dict]]:
+        """Token ids per instance (vLLM's `truncate_prompt_tokens` applied) and the over-long ones
+        truncated from the left: [{"instance", "tokens", "kept"}] (or BadRequest with overlong=refuse)."""
         with self.tokenizer_lock:
             ids = self.tokenizer(instances)["input_ids"]  # special tokens as vLLM adds them
+        truncated = []
+        logprobs = gen is None
+        ctx = self.context_length
         for i, seq in enumerate(ids):
             if not seq:
                 raise BadRequest(400, f"instances[{i}] is empty (no tokens)")
-            if len(seq) > self.context_length:
-                raise BadRequest(400, f"instances[{i}] has {len(seq)} tokens, longer than the model's context "
-                                      f"of {self.context_length}")
-        return ids
+            if not logprobs and gen.truncate_prompt_tokens is not None and len(seq) > gen.truncate_prompt_tokens:
+                ids[i] = seq = seq[-gen.truncate_prompt_tokens:]
+            if len(seq) > ctx:
+                if self.overlong == "refuse":
+                    raise BadRequest(400, f"instances[{i}] has {len(seq)} tokens, longer than the model's context "
+                                          f"of {ctx}")
+                reserve = 0 if logprobs else min(ctx // 2 if gen.max_tokens is None else gen.max_tokens, ctx // 2)
+                keep = max(1, ctx - reserve)
+                truncated.append({"instance": i, "tokens": len(seq), "kept": keep})
+                ids[i] = seq[-keep:]
+        return ids, truncated
 
-    def infer(self, params: dict, instances: list[str]) -> list:
-        """Answer one /infer request (BadRequest for a client mistake, before anything runs)."""
+    def infer(self, params: dict, instances: list[str]) -> tuple[list, list[tuple[str, str]]]:
+        """Answer one /infer request: (answers, extra headers); BadRequest for a client mistake, before
+        anything runs."""
         logprobs = wants_logprobs(params)
-        gen = None if logprobs else parse_generation_params(params)
-        ids = self.tokenize(instances)
+        gen = parse_generation_params(params)  # checked in both modes, as vLLM builds SamplingParams
+        ids, truncated = self.tokenize(instances, None if logprobs else gen)
         with self.model_lock:
-            stats = self.handle.stats
-            saved = stats.checkpoint()
+            saved = [(c, c.checkpoint()) for c in self.applied.counters()]
             try:
                 result = self._prompt_logprobs(ids) if logprobs else self._generate(ids, gen)
             except BaseException:
-                stats.restore(saved)  # a failed request leaves the counts as they were
+                for counter, state in saved:
+                    counter.restore(state)  # a failed request leaves the counts as they were
                 raise
-            self._requests += 1
-            self._instances += len(instances)
-            snapshot = self._read_stats()
-            with self._snapshot_lock:
-                self._snapshot = snapshot
-        return result
+            raw = self._read_raw()
+        self._publish(raw, requests=1, instances=len(instances), truncated_instances=len(truncated),
+                      truncated_tokens=sum(t["tokens"] - t["kept"] for t in truncated))
+        headers = []
+        if truncated:
+            headers.append(("X-Sparse-FFN-Truncated", json.dumps(truncated)))
+            for t in truncated:
+                print(f"sparse-ffn: instances[{t['instance']}] has {t['tokens']} tokens, over the context of "
+                      f"{self.context_length}: kept its last {t['kept']}", file=sys.stderr, flush=True)
+        ignored = unknown_params(params)
+        if ignored:
+            headers.append(("X-Sparse-FFN-Ignored-Params", ",".join(ignored)))
+        return result, headers
 
     def _prompt_logprobs(self, ids: list[list[int]]) -> list[list[float]]:
         """vLLM prompt_logprobs[1:]: log p(t_i | t_<i) for i >= 1. Each distinct input t[:-1] runs once."""
@@ -166,7 +205,7 @@ class UltraEvalApp:
                 groups.setdefault(tuple(seq[:-1]), []).append(i)
         inputs = sorted(groups, key=len, reverse=True)  # similar lengths share a batch: less padding
         with torch.inference_mode():
-            for batch in _chunks(inputs, self.max_batch):
+            for batch in chunks(inputs, self.max_batch):
                 width = len(batch[0])
                 tokens = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
                 mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -183,11 +222,11 @@ class UltraEvalApp:
                         results[i] = (row_logits.gather(-1, target[:, None])[:, 0] - norm).tolist()
         return results  # type: ignore[return-value]
 
-    def _decode(self, tokens: list[int], skip_special: bool) -> str:
+    def decode(self, tokens: list[int], skip_special: bool) -> str:
         with self.tokenizer_lock:
             return self.tokenizer.decode(tokens, skip_special_tokens=skip_special)
 
-    def _decode_new(self, prompt: list[int], new: list[int], skip_special: bool) -> str:
+    def decode_new(self, prompt: list[int], new: list[int], skip_special: bool) -> str:
         """The text the new tokens add after the prompt (decoded in context, as vLLM's detokenizer does:
         SentencePiece drops a leading space when a piece is decoded alone)."""
         with self.tokenizer_lock:
@@ -197,72 +236,21 @@ class UltraEvalApp:
                 return full[len(head):]
             return self.tokenizer.decode(new, skip_special_tokens=skip_special)
 
-    def _generate(self, ids: list[list[int]], p: GenerationParams) -> list[str]:
-        import torch
-        from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+    def _generate(self, ids: list[list[int]], p: GenerationParams) -> list:
+        from sparse_ffn.model_adapters.ultraeval_generate import generate
 
-        app = self
-        eos = () if p.ignore_eos else tuple(dict.fromkeys(self.eos_ids + p.stop_token_ids))
-        outputs: list[str] = [""] * len(ids)
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths share a batch
-
-        class StopStrings(StoppingCriteria):
-            """A row is done once its new text holds a stop string (decoding only the recent tail)."""
-
-            def __init__(self, width: int) -> None:
-                self.width = width
-                self.tail = 4 * max(len(s) for s in p.stop) + 8
-
-            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-                done = []
-                for row in input_ids[:, self.width:].tolist():
-                    text = app._decode(row[-self.tail:], p.skip_special_tokens)
-                    done.append(any(s in text for s in p.stop))
-                return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-        with torch.inference_mode():
-            for batch in _chunks(order, self.max_batch):
-                width = max(len(ids[i]) for i in batch)
-                room = self.context_length - width
-                max_new = room if p.max_tokens is None else min(p.max_tokens, room)
-                if max_new <= 0:
-                    continue
-                tokens = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, i in enumerate(batch):  # left padding
-                    tokens[row, width - len(ids[i]):] = torch.tensor(ids[i], dtype=torch.long)
-                    mask[row, width - len(ids[i]):] = 1
-                sampling = {} if p.greedy else dict(temperature=p.temperature, top_p=p.top_p,
-                                                        top_k=p.top_k if p.top_k > 0 else 0)
-                config = GenerationConfig(
-                    max_new_tokens=max_new, min_new_tokens=0, num_beams=1, num_return_sequences=1,
-                    do_sample=not p.greedy, **sampling, repetition_penalty=p.repetition_penalty,
-                    pad_token_id=self.pad_id, eos_token_id=list(eos) if eos else None,
-                    bos_token_id=self.model.generation_config.bos_token_id)
-                criteria = StoppingCriteriaList([StopStrings(width)] if p.stop else [])
-                if p.seed is not None:
-                    torch.manual_seed(p.seed)
-                out = self.model.generate(input_ids=tokens.to(self.device), attention_mask=mask.to(self.device),
-                                          generation_config=config, stopping_criteria=criteria)
-                for row, i in enumerate(batch):
-                    new = out[row, width:].tolist()
-                    for k, tok in enumerate(new):
-                        if tok in eos:
-                            new = new[:k]
-                            break
-                    text = self._decode_new(ids[i], new, p.skip_special_tokens)
-                    cuts = [text.find(s) for s in p.stop if s in text]
-                    outputs[i] = text[:min(cuts)] if cuts else text
-        return outputs
+        return generate(self, ids, p)
 
     # -- HTTP ----------------------------------------------------------------------------------------
     def describe(self) -> dict:
         return {"service": "sparse-ffn UltraEval server", "version": __version__, "model": self.model_name,
                 "strategy": self.info.get("strategy"), "prune_arg": self.info.get("prune_arg"),
-                "thresholds_source": self.info.get("thresholds_source"), "device": str(self.device),
+                "thresholds_source": self.info.get("thresholds_source"),
+                "experts_source": self.info.get("experts_source"), "device": str(self.device),
                 "dtype": str(self.model.dtype).replace("torch.", ""), "context_length": self.context_length,
-                "max_batch": self.max_batch, "max_body_bytes": self.max_body_bytes, "started": self.started,
-                "endpoints": {"POST /infer": "UltraEval GeneralModel protocol", "GET /stats": "sparsity so far",
+                "max_batch": self.max_batch, "max_body_bytes": self.max_body_bytes, "overlong": self.overlong,
+                "started": self.started, "pid": os.getpid(),
+                "endpoints": {"POST /infer": "UltraEval GeneralModel protocol", "GET /stats": "counts so far",
                               "POST /stats/reset": "start counting afresh"}}
 
     def _read_body(self, environ: dict) -> bytes:
@@ -276,8 +264,9 @@ class UltraEvalApp:
         if size < 0:
             raise BadRequest(400, f"Content-Length {size}: must be >= 0")
         stream = environ["wsgi.input"]
-        if size > self.max_body_bytes:
-            _drain(stream, size)  # so the client reads our answer instead of a reset connection
+        if size > self.max_body_bytes:  # answered from the header: a stalled or huge body is never waited for
+            if size <= _DRAIN_LIMIT:
+                _drain(stream, size)  # a small one is read, so the client reads our answer, not a reset
             raise BadRequest(413, f"request body is {size} bytes, over this server's limit of "
                                   f"{self.max_body_bytes} (--max-body-bytes)")
         try:
@@ -288,17 +277,17 @@ class UltraEvalApp:
             raise BadRequest(400, f"request body ended after {len(body)} of {size} bytes (Content-Length)")
         return body
 
-    def handle_request(self, method: str, path: str, environ: dict) -> tuple[int, Any]:
+    def handle_request(self, method: str, path: str, environ: dict) -> tuple[int, Any, list]:
         path = "/" + path.strip("/")
         if path in _INFER_PATHS and method == "POST":
             params, instances = parse_request(self._read_body(environ))
-            return 200, self.infer(params, instances)
+            return (200, *self.infer(params, instances))
         if path == "/stats" and method in ("GET", "HEAD"):
-            return 200, self.stats()
+            return 200, self.stats(), []
         if path == "/stats/reset" and method == "POST":
-            return 200, {"reset": True, "before": self.reset_stats()}
+            return 200, {"reset": True, "before": self.reset_stats()}, []
         if path in ("/", "/health") and method in ("GET", "HEAD"):
-            return 200, {"status": "ok", **self.describe()}
+            return 200, {"status": "ok", **self.describe()}, []
         known = {"/infer": "POST", "/vllm-url-infer": "POST", "/stats": "GET", "/stats/reset": "POST", "/health": "GET"}
         if path in known:
             raise BadRequest(405, f"{method} {path}: use {known[path]}")
@@ -306,15 +295,16 @@ class UltraEvalApp:
 
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET").upper()
+        extra: list = []
         try:
-            status, body = self.handle_request(method, environ.get("PATH_INFO") or "/", environ)
+            status, body, extra = self.handle_request(method, environ.get("PATH_INFO") or "/", environ)
         except BadRequest as e:
             status, body = e.status, {"error": e.message}
         except Exception as e:  # noqa: BLE001 - the server keeps serving; the log gets the traceback
             traceback.print_exc(file=sys.stderr)
             status, body = 500, {"error": f"internal error: {type(e).__name__}: {e}"}
         data = json.dumps(body).encode()
-        headers = [("Content-Type", "application/json"), ("Content-Length", str(len(data)))]
+        headers = [("Content-Type", "application/json"), ("Content-Length", str(len(data))), *extra]
         if status == 405:
             headers.append(("Allow", "GET, POST"))
         start_response(f"{status} {_REASONS.get(status, 'Error')}", headers)
@@ -345,22 +335,24 @@ def create_app(
     *,
     experts: str | os.PathLike | None = None,
     ffn_args: dict[str, Any] | None = None,
+    overlong: str = "truncate",
+    stats_dir: str | os.PathLike | None = None,
 ) -> UltraEvalApp:
-    """Load `model_path` (a local HF directory; may come from the thresholds file), apply the sparsity
-    with the masking core and return the WSGI application."""
-    if experts is not None:
-        raise UserError(f"--experts {experts}: serving Sparse Expansion experts is not yet supported "
-                        "(serve the dense or thresholded model meanwhile)")
+    """Load `model_path` (a local HF directory; may come from the thresholds file or the experts
+    manifest), swap in the Sparse Expansion experts (if any), apply the sparsity with the masking core
+    and return the WSGI application (counts written to `stats_dir` when given: see `serve_stats`)."""
+    if overlong not in OVERLONG:
+        raise UserError(f"--overlong {overlong}: must be one of {', '.join(OVERLONG)}")
     if max_batch < 1:
         raise UserError(f"--max-batch {max_batch}: must be >= 1")
     if max_body_bytes < 1:
         raise UserError(f"--max-body-bytes {max_body_bytes}: must be >= 1")
     setup = resolve_sparsity(thresholds, strategy, prune_arg, pretrained=None if model_path is None else str(model_path),
-                             ffn_args=ffn_args, model_arg="--model PATH (or SPARSE_FFN_MODEL)")
+                             ffn_args=ffn_args, model_arg="--model PATH (or SPARSE_FFN_MODEL)", experts=experts)
     model, tokenizer = load_model_and_tokenizer(str(setup.pretrained), dtype=dtype, device=device)
     applied = setup.apply(model)
     return UltraEvalApp(model, tokenizer, applied, model_name=str(setup.pretrained), max_batch=max_batch,
-                        max_body_bytes=max_body_bytes)
+                        max_body_bytes=max_body_bytes, overlong=overlong, stats_dir=stats_dir)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -375,7 +367,9 @@ ENV_VARS = {
     "SPARSE_FFN_DEVICE": "auto | cpu | cuda | cuda:N | mps",
     "SPARSE_FFN_MAX_BATCH": f"sequences per forward (default {DEFAULT_MAX_BATCH})",
     "SPARSE_FFN_MAX_BODY_BYTES": f"largest request body (default {DEFAULT_MAX_BODY_BYTES})",
-    "SPARSE_FFN_EXPERTS": "Sparse Expansion experts (not yet supported)",
+    "SPARSE_FFN_EXPERTS": "Sparse Expansion experts directory",
+    "SPARSE_FFN_OVERLONG": "truncate (default: cut over-long prompts from the left) | refuse (400)",
+    "SPARSE_FFN_STATS_DIR": "directory the workers share their counts in (the gunicorn conf makes one)",
     **{f"SPARSE_FFN_{k.upper()}": f"module name ({k}=)" for k in FFN_ARGS},
 }
 
@@ -394,7 +388,7 @@ def create_app_from_env(env: dict | None = None) -> UltraEvalApp:
     """`create_app` with arguments from SPARSE_FFN_* environment variables (see ENV_VARS)."""
     env = dict(os.environ if env is None else env)
     get = lambda name: (env.get(name) or "").strip() or None  # noqa: E731
-    if get("SPARSE_FFN_MODEL") is None and get("SPARSE_FFN_THRESHOLDS") is None:
+    if get("SPARSE_FFN_MODEL") is None and get("SPARSE_FFN_THRESHOLDS") is None and get("SPARSE_FFN_EXPERTS") is None:
         raise UserError("SPARSE_FFN_MODEL is not set (the model directory to serve; see "
                         "sparse_ffn.model_adapters.ultraeval_server.ENV_VARS)")
     return create_app(
@@ -403,4 +397,5 @@ def create_app_from_env(env: dict | None = None) -> UltraEvalApp:
         device=get("SPARSE_FFN_DEVICE") or "auto",
         max_batch=_env_int(env, "SPARSE_FFN_MAX_BATCH", DEFAULT_MAX_BATCH),
         max_body_bytes=_env_int(env, "SPARSE_FFN_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES),
-        experts=get("SPARSE_FFN_EXPERTS"), ffn_args={k: get(f"SPARSE_FFN_{k.upper()}") for k in FFN_ARGS})
+        experts=get("SPARSE_FFN_EXPERTS"), ffn_args={k: get(f"SPARSE_FFN_{k.upper()}") for k in FFN_ARGS},
+        overlong=get("SPARSE_FFN_OVERLONG") or "truncate", stats_dir=get("SPARSE_FFN_STATS_DIR"))

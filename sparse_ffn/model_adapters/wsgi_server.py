@@ -1,5 +1,5 @@
-"""The standalone HTTP server of `sparse-ffn serve`: a threaded wsgiref server (gunicorn serves the same
-WSGI app in production: `sparse_ffn.plugin.ultraeval_server:app`)."""
+"""A threaded wsgiref server for the UltraEval app: `sparse-ffn serve --server wsgiref` and in-process
+tests (`sparse-ffn serve` runs gunicorn by default: `sparse_ffn.plugin.gunicorn_conf`)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ class ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 1024  # the listen backlog (socketserver's default of 5 resets bursts)
 
 
 class _Handler(WSGIRequestHandler):
