@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # CI quality gate: evaluate SmolLM2-135M dense and with CETT thresholds on piqa + arc_easy (local data),
-# then fail the job when the sparse model loses more accuracy than the budget allows.
+# then fail the job when the sparse model loses more accuracy than the budget allows. Both lm_eval runs
+# log their per-item results (--log_samples), so the gate compares them paired over the same items.
 #
 #   examples/ci_gate.sh THRESHOLDS.json [DATA_DIR]
 #
@@ -9,7 +10,8 @@
 # DATA_DIR: folder with piqa/ and arc_easy/ JSONL files (or $DATA_DIR).
 # Environment (all optional):
 #   TASKS=piqa_local,arc_easy_local  tasks (any written by `sparse-ffn tasks write`, e.g. wikitext_local)
-#   LIMIT=50            documents per task (at 50 the stderr of acc is ~0.07: raise it for tight budgets)
+#   LIMIT=50            documents per task (the paired CI of an accuracy drop narrows as 1/sqrt(LIMIT):
+#                       the gate prints the minimum detectable effect at this size)
 #   MAX_DROP=...        e.g. acc=0.02,acc_norm=0.02 (default: the gate's acc=0.01,acc_norm=0.01)
 #   MIN_SPARSITY=0.3    also require this mean FFN sparsity of the sparse run
 #   OUT_DIR=gate-out    where results, gate.md, gate.png and gate.json go (upload it as an artifact)
@@ -37,9 +39,10 @@ TASK_DIR=$(sparse-ffn tasks write --data-dir "$DATA" --out "$OUT/tasks" | tail -
 rm -rf "$OUT/dense" "$OUT/sparse"  # the gate reads the newest results file: leave no stale ones
 
 run_eval() {  # run_eval NAME MODEL_ARGS
-    echo "::group::lm_eval $1"
+    echo "::group::lm_eval $1 ($TASKS, limit $LIMIT)"
+    echo "sparse-ffn ci_gate: lm_eval $1: $2 on $TASKS, $LIMIT documents per task" >&2
     lm_eval --model sparse_ffn --model_args "pretrained=$MODEL,$2,max_length=${MAX_LENGTH:-512}" \
-        --tasks "$TASKS" --include_path "$TASK_DIR" --limit "$LIMIT" \
+        --tasks "$TASKS" --include_path "$TASK_DIR" --limit "$LIMIT" --log_samples \
         --device "${DEVICE:-cpu}" --batch_size "${BATCH_SIZE:-8}" --output_path "$OUT/$1"
     echo "::endgroup::"
 }

@@ -49,6 +49,7 @@ def test_ci_gate_example_passes_on_smollm2_with_ppl1_thresholds(smollm2_dir, sha
 
     verdict = json.loads((out / "gate.json").read_text())
     assert verdict["passed"] is True
+    assert verdict["comparison"] == "paired"  # both lm_eval runs logged their samples (--log_samples)
     gated = {(c["task"], c["metric"]): c for c in verdict["checks"] if c["kind"] == "max_drop"}
     assert set(gated) == {(t, m) for t in ("piqa_local", "arc_easy_local") for m in ("acc", "acc_norm")}
     for check in gated.values():

@@ -436,3 +436,36 @@ def test_cli_writes_and_prints_the_directory(tiny, capsys):
     assert m["layout"]["modules"] == {"up": "mlp.c_fc", "down": "mlp.c_proj"}
     assert main(argv) == 2  # exists
     assert "already exists" in capsys.readouterr().err
+
+
+def test_run_end_line_with_experts_and_model_name_from_the_manifest(tiny, capsys):
+    """get_model_info (lm-eval calls it once, when it assembles the results) logs one line with the
+    experts' K and balance; the model the manifest names is the one the next lm-eval run is filed under."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.loggers.evaluation_tracker import GeneralConfigTracker
+
+    from sparse_ffn.model_adapters.lm_eval_adapter import SparseFFNLM
+
+    root, models, data = tiny
+    _, _, res = calibrate(models["llama"], data, root / "run_end_k4")
+    res.handle.remove()
+    lm = SparseFFNLM(experts=str(res.path), device="cpu", batch_size=2, max_length=128)
+    tracker = GeneralConfigTracker()
+    tracker.log_experiment_args(model_source="sparse_ffn", model_args={"experts": str(res.path)},
+                                system_instruction=None, chat_template=None, fewshot_as_multiturn=False)
+    assert tracker.model_name == str(models["llama"]) == lm.model.name_or_path
+    again = GeneralConfigTracker()  # taken once: a later run that names no model is lm-eval's own business
+    again.log_experiment_args(model_source="hf", model_args={}, system_instruction=None, chat_template=None,
+                              fewshot_as_multiturn=False)
+    assert again.model_name != str(models["llama"])
+    capsys.readouterr()
+    lm.loglikelihood([Instance("loglikelihood", {}, ("The sun rises in the", " east"), 0),
+                      Instance("loglikelihood", {}, ("Hello", " world"), 1)])
+    info = lm.get_model_info()["sparse_ffn"]
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("sparse-ffn: run done:")]
+    usage, sp = info["expert_usage"], info["sparsity"]
+    assert 0.0 < usage["balance"] <= 1.0 and usage["tokens"] == sp["tokens"] > 0
+    assert lines == [f"sparse-ffn: run done: model {models['llama']}; strategy dense (counts exact zeros); "
+                     f"mean FFN sparsity {sp['mean']:.4f} over {len(sp['per_layer'])} layers "
+                     f"({min(sp['per_layer']):.3f}-{max(sp['per_layer']):.3f}); {sp['tokens']} tokens counted; "
+                     f"experts K=4, balance {usage['balance']:.3f} (1 = uniform) over {usage['tokens']} tokens"]

@@ -142,3 +142,34 @@ def test_sparse_ffn_eval_wrapper_runs_lm_eval_with_our_model(tiny_llama_dir, loc
                                         limit="2")], tmp_path, script="sparse-ffn")
     assert res["config"]["model"] == "sparse_ffn"
     assert res["config"]["sparse_ffn"]["sparsity"]["mean"] == pytest.approx(0.75)
+
+
+def test_model_named_by_the_threshold_file_names_the_output_folder_and_the_run_end_line(
+        tiny_llama_dir, local_tasks, thresholds_file, tmp_path):
+    """No pretrained=: lm-eval files the results under the model the threshold file names (as with
+    pretrained=, not a random folder), and the adapter logs one summary line at the end of the run."""
+    from lm_eval.utils import sanitize_model_name
+
+    runs = {"artifact": f"thresholds={thresholds_file}",
+            "explicit": f"pretrained={tiny_llama_dir}/,thresholds={thresholds_file}"}  # pretrained= wins
+    procs = {}
+    for name, args in runs.items():
+        cmd = [str(BIN / "lm_eval"), "--model", "sparse_ffn", *_common(args, local_tasks, limit="2"),
+               "--output_path", str(tmp_path / name)]
+        procs[name] = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=600)
+    for name, proc in procs.items():
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        expected = str(tiny_llama_dir) + ("/" if name == "explicit" else "")
+        files = list((tmp_path / name).rglob("results_*.json"))
+        assert len(files) == 1 and files[0].parent == tmp_path / name / sanitize_model_name(expected), files
+        assert {p.name.split("_2")[0] for p in files[0].parent.glob("samples_*.jsonl")} == \
+            {f"samples_{t}" for t in TASKS.split(",")}
+        res = json.loads(files[0].read_text())
+        assert res["model_name"] == expected and res["model_name_sanitized"] == sanitize_model_name(expected)
+        lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("sparse-ffn: run done:")]
+        assert len(lines) == 1, proc.stderr[-3000:]
+        sp = res["config"]["sparse_ffn"]["sparsity"]
+        assert 0.05 < sp["mean"] < 0.95 and sp["tokens"] > 0
+        assert lines[0] == (f"sparse-ffn: run done: model {expected}; strategy cett (thresholds thr.json); "
+                            f"mean FFN sparsity {sp['mean']:.4f} over 3 layers "
+                            f"({min(sp['per_layer']):.3f}-{max(sp['per_layer']):.3f}); {sp['tokens']} tokens counted")

@@ -106,6 +106,28 @@ def test_cached_model_is_returned_without_pip_or_torch(tmp_path: Path) -> None:
     assert proc.stdout.strip() == str(target)
 
 
+def test_models_list_says_what_is_known_and_what_is_fetched(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from sparse_ffn.cli import main
+
+    source = model_zoo.KNOWN_MODELS["smollm2-135m"]
+    (tmp_path / "models" / "smollm2-135m").mkdir(parents=True)  # an unfinished conversion: not fetched
+    assert main(["models", "list", "--cache-dir", str(tmp_path), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [m["name"] for m in listed] == sorted(model_zoo.KNOWN_MODELS)
+    assert listed[0]["path"] is None and listed[0]["bytes"] is None
+    assert listed[0]["source"] == f"PyPI {source.package}=={source.version}, {source.member}"
+    (tmp_path / "models" / "smollm2-135m").rmdir()
+    target = _fake_finished(tmp_path)
+    (target / "model.safetensors").write_bytes(b"x" * 1000)
+    size = sum(f.stat().st_size for f in target.iterdir())
+    assert main(["models", "list", "--cache-dir", str(tmp_path), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert listed[0]["path"] == str(target) and listed[0]["bytes"] == size > 1000
+    assert main(["models", "list", "--cache-dir", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert f"smollm2-135m: {source.description}" in text and f"fetched: {target} (0 MB)" in text
+
+
 def test_failed_fetch_leaves_nothing_a_later_call_would_accept(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     def half_download(source: model_zoo.ModelSource, dest: Path) -> Path:
         dest.mkdir(parents=True)

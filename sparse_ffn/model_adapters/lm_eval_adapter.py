@@ -34,6 +34,7 @@ from lm_eval.models.huggingface import HFLM
 
 from sparse_ffn.errors import install_excepthook
 from sparse_ffn.core.names import FFN_ARGS
+from sparse_ffn.model_adapters.lm_eval_run import log_run_end, name_results_after
 from sparse_ffn.model_adapters.sparsity_setup import resolve_sparsity
 
 
@@ -53,6 +54,7 @@ class SparseFFNLM(HFLM):
         install_excepthook()
         setup = resolve_sparsity(thresholds, strategy, prune_arg, pretrained=pretrained,
                                  ffn_args={k: kwargs.pop(k) for k in FFN_ARGS if k in kwargs}, experts=experts)
+        name_results_after(setup.pretrained if pretrained is None else None)  # lm-eval's output folder
         super().__init__(pretrained=setup.pretrained, **kwargs)
         acc = getattr(self, "accelerator", None)
         if acc is not None and acc.num_processes > 1 and self.world_size == 1 and acc.device.type == "cpu":
@@ -193,7 +195,11 @@ class SparseFFNLM(HFLM):
         return out
 
     def get_model_info(self) -> dict:
-        return {**super().get_model_info(), "sparse_ffn": self.sparsity_summary()}
+        """HFLM's model info plus `sparse_ffn`; lm-eval calls it once per run, on rank 0, when it
+        assembles the results: the end of the run, so the one-line summary is logged here."""
+        summary = self.sparsity_summary()
+        log_run_end(summary, getattr(self.model, "name_or_path", None))
+        return {**super().get_model_info(), "sparse_ffn": summary}
 
 
 @dataclass

