@@ -41,7 +41,9 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--target", type=float, default=1.01, help="target PPL ratio (1.01 = PPL-1%%)")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads for both (default: torch's)")
+    p.add_argument("--threads", default=None,
+                   help="torch intra-op threads for both, or a comma list (e.g. 1,2): the whole comparison at each "
+                        "(default: torch's choice)")
     p.add_argument("--ref-tokens", type=int, help="reference on the first N tokens only (subset; says so)")
     p.add_argument("--ref-layers", type=int,
                    help="per-layer agreement on the first N layers only (the outer reference search always "
@@ -60,8 +62,6 @@ def main() -> None:
     from sparse_ffn.artifacts.data import load_text, token_windows
     from sparse_ffn.core.ffn import find_ffns
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     text, sha = load_text(args.data)
@@ -70,6 +70,33 @@ def main() -> None:
     print(f"model {args.model}: {len(ffns)} layers, d_ff {ffns[0].d_ff}; {windows.shape[0]} x {windows.shape[1]} "
           f"tokens of {args.data}; target {args.target}; batch {args.batch_size}; threads {torch.get_num_threads()}",
           flush=True)
+
+    thread_counts = [int(t) for t in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
+    results = [compare(args, model, windows, ffns, sha, t, agreement=(i == 0)) for i, t in enumerate(thread_counts)]
+    for r in results:
+        if "speed_ratio_wall" in r:
+            o, ref = r["ours"], r["reference"]
+            print(f"threads {r['threads']}: reference {ref['wall_s']:.1f} s / ours {o['wall_s']:.1f} s = "
+                  f"{r['speed_ratio_wall']:.2f}x wall ({r['speed_ratio_cpu']:.2f}x CPU); passes: ours 1 dense + "
+                  f"{o['full_passes']} full + {o['steer_passes']} steering sparse (= {o['full_equivalent']:.2f} full); "
+                  f"reference 1 dense + {ref['steps']} full; floor 1 dense + ~2 full; ppl ratio difference "
+                  f"{r['ppl_ratio_difference']:.5f}; max per-layer threshold difference "
+                  f"{max(r.get('threshold_max_rel_diff_per_layer', [float('nan')])):.1e} (at the reference's c values); final thresholds differ by at most {r['final_threshold_max_rel_diff']:.1e}", flush=True)
+    out = {"runs": results}
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    print(json.dumps(out))
+
+
+def compare(args, model, windows, ffns, sha, threads, agreement: bool) -> dict:
+    """Ours vs the reference at `threads` torch threads (both on the same model and windows)."""
+    import torch
+    from sparse_ffn.calibrate.layer_search import LayerSearch
+    from sparse_ffn.calibrate.thresholds import calibrate_thresholds
+    from sparse_ffn.calibrate.reference import reference_calibrate
+
+    torch.set_num_threads(threads)
+    print(f"== threads {torch.get_num_threads()} ==", flush=True)
 
     def log(prefix: str, t0: float):
         return lambda msg: print(f"  [{prefix} {time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
@@ -92,10 +119,11 @@ def main() -> None:
                "ours": {"cett": cal["cett"], "ppl_ratio": cal["ppl_ratio"], "sparsity": thr.sparsity["mean"],
                         "wall_s": ours_s, "cpu_s": ours_cpu, "timing": cal["timing"], "search": cal["search"],
                         "peak_rss_bytes": ours_rss, "activation_bytes": cal["memory"]["activation_bytes"],
-                        "thresholds": thr.thresholds}}
+                        "thresholds": thr.thresholds, "full_passes": full_passes,
+                        "steer_passes": len(cal["search"]) - full_passes,
+                        "full_equivalent": sum(e["windows"] for e in cal["search"]) / windows.shape[0]}}
     if args.skip_reference:
-        print(json.dumps(summary))
-        return
+        return summary
 
     # -- reference -----------------------------------------------------------------------------------
     ref_windows = windows
@@ -110,8 +138,8 @@ def main() -> None:
           f"in {ref_s:.1f} s wall ({ref_cpu:.1f} s CPU): {ref['steps']} sparse passes; "
           f"timing { {k: round(v, 1) for k, v in ref['timing'].items()} }", flush=True)
 
-    # -- per-layer agreement: our search at every c the reference visited ------------------------------
-    layers = range(len(ffns) if not args.ref_layers else min(args.ref_layers, len(ffns)))
+    # -- per-layer agreement: our search at every c the reference visited (first thread count only) ----
+    layers = range(0 if not agreement else len(ffns) if not args.ref_layers else min(args.ref_layers, len(ffns)))
     worst = []
     t_fit = time.perf_counter()
     for l in layers:
@@ -125,8 +153,9 @@ def main() -> None:
     fit_s = time.perf_counter() - t_fit
     print("per-layer max relative threshold difference (ours vs reference, over its "
           f"{len(ref['evals'])} c values): " + " ".join(f"{d:.1e}" for d in worst), flush=True)
-    print(f"  max over layers {max(worst):.2e}; {sum(d == 0 for d in worst)}/{len(worst)} layers identical; "
-          f"our fits for all those c took {fit_s:.1f} s", flush=True)
+    if worst:
+        print(f"  max over layers {max(worst):.2e}; {sum(d == 0 for d in worst)}/{len(worst)} layers identical; "
+              f"our fits for all those c took {fit_s:.1f} s", flush=True)
     subset = ref_windows.numel() != windows.numel()
     ratio = ref_s / ours_s
     print(f"final PPL ratio: ours {cal['ppl_ratio']:.5f} (c={cal['cett']:.5f}), reference {ref['ppl_ratio']:.5f} "
@@ -139,13 +168,15 @@ def main() -> None:
                             "timing": ref["timing"], "tokens": int(ref_windows.numel()), "subset": subset,
                             "search": [{"cett": e["cett"], "ppl_ratio": e["ppl_ratio"]} for e in ref["evals"]],
                             "thresholds": ref["thresholds"]}
-    summary["threshold_max_rel_diff_per_layer"] = worst
+    if worst:
+        summary["threshold_max_rel_diff_per_layer"] = worst
+    # the final thresholds themselves, ours vs the reference's (same c only when both land on it)
+    summary["final_threshold_max_rel_diff"] = max(
+        abs(a - b) / b if b > 0 else (0.0 if a == 0 else float("inf")) for a, b in zip(thr.thresholds, ref["thresholds"]))
     summary["speed_ratio_wall"] = ratio
     summary["speed_ratio_cpu"] = ref_cpu / ours_cpu
     summary["ppl_ratio_difference"] = abs(cal["ppl_ratio"] - ref["ppl_ratio"])
-    if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=1))
-    print(json.dumps(summary))
+    return summary
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "sparse_ffn.cli.eval", "sparse_ffn.cli.models", "sparse_ffn.cli.tasks", "sparse_ffn.cli.gate",
     "sparse_ffn.cli.serve", "sparse_ffn.cli.calibrate_experts", "sparse_ffn.cli.calibrate_thresholds",
     "sparse_ffn.cli.inspect", "sparse_ffn.cli.sweep", "sparse_ffn.cli.ppl", "sparse_ffn.cli.analyze",
-    "sparse_ffn.cli.verify",
+    "sparse_ffn.cli.verify", "sparse_ffn.cli.reproduce",
 )
 
 

@@ -2,10 +2,13 @@
 
     sparse-ffn calibrate thresholds --model DIR --data wiki.valid.txt --target-ppl-ratio 1.01 \\
         --eval-data wiki.test.txt --out thr.json
+    sparse-ffn calibrate thresholds --model DIR --data wiki.valid.txt --target-ppl-ratio 1.01,1.05,1.10 \\
+        --out-dir thr/        # thr/ppl-1.01.json, thr/ppl-1.05.json, thr/ppl-1.10.json
 
 Fits on --data (--tokens tokens in non-overlapping --seq-len windows), optionally reports the PPL ratio
-on held-out --eval-data, writes --out atomically at the very end and prints its path as the last
-stdout line. Nothing is written on an error or an interrupt.
+on held-out --eval-data, writes --out (or one file per target in --out-dir) atomically at the very end
+and prints the path(s), one per line, last on stdout. Several targets share the dense pass, the
+activations and the per-layer searches. Nothing is written on an error or an interrupt.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+
+from sparse_ffn.errors import UserError
 
 from sparse_ffn.cli.options import (
     add_batch_size_option,
@@ -22,6 +27,7 @@ from sparse_ffn.cli.options import (
     add_model_option,
     add_placement_options,
     calibrate_subparsers,
+    check_out_dir,
     check_out_file,
     check_positive,
     ffn_names_from,
@@ -40,8 +46,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     add_model_option(p)
     add_data_options(p, what="calibration text")
     goal = p.add_mutually_exclusive_group(required=True)
-    goal.add_argument("--target-ppl-ratio", type=float, metavar="R",
-                      help="PPL-k%%: largest CETT with PPL ratio <= R on the calibration text (1.01 = PPL-1%%)")
+    goal.add_argument("--target-ppl-ratio", metavar="R[,R...]",
+                      help="PPL-k%%: largest CETT with PPL ratio <= R on the calibration text (1.01 = PPL-1%%); "
+                           "several, comma-separated, in one run (with --out-dir)")
     goal.add_argument("--cett", type=float, metavar="C", help="fixed CETT value c in [0, 1]")
     p.add_argument("--eval-data", help="held-out text (same forms as --data): also report its PPL ratio")
     p.add_argument("--eval-tokens", type=int, help="tokens of --eval-data (default: as many as --tokens)")
@@ -55,7 +62,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                         "recollected per step (slower). Default 4GiB; 'none' = no cap")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_ffn_options(p)
-    p.add_argument("--out", required=True, help="threshold file to write (JSON)")
+    dest = p.add_mutually_exclusive_group(required=True)
+    dest.add_argument("--out", help="threshold file to write (JSON; one target or --cett)")
+    dest.add_argument("--out-dir", help="folder for one threshold file per target (ppl-R.json)")
     p.set_defaults(func=_cmd_thresholds)
 
 
@@ -63,11 +72,22 @@ def _cmd_thresholds(args: argparse.Namespace, rest: list[str]) -> int:
     start = time.perf_counter()
     # -- everything cheap to check, before loading a model ------------------------------------
     from sparse_ffn.calibrate.ppl_search import check_target
+    from sparse_ffn.calibrate.thresholds import parse_targets, target_file_name
 
-    check_target(args.target_ppl_ratio, args.cett)
+    targets = parse_targets(args.target_ppl_ratio) if args.target_ppl_ratio is not None else []
+    check_target(targets[0] if targets else None, args.cett)
     check_positive(tokens=args.tokens, batch_size=args.batch_size, eval_tokens=args.eval_tokens)
     budget = parse_bytes(args.max_activation_memory)
-    out = check_out_file(args.out)
+    if args.out is not None:
+        if len(targets) > 1:
+            raise UserError(f"--target-ppl-ratio {args.target_ppl_ratio}: several targets need --out-dir, not --out")
+        outs = {(targets[0] if targets else args.cett): check_out_file(args.out)}
+    else:
+        out_dir = check_out_dir(args.out_dir)
+        if args.cett is not None:
+            outs = {args.cett: out_dir / f"cett-{args.cett:g}.json"}
+        else:
+            outs = {r: out_dir / target_file_name(r) for r in targets}
     names = ffn_names_from(args)
 
     from sparse_ffn.artifacts.data import load_text, token_windows
@@ -80,7 +100,7 @@ def _cmd_thresholds(args: argparse.Namespace, rest: list[str]) -> int:
             log(f"warning: --eval-data {args.eval_data} is the calibration text itself (not held out)")
 
     from sparse_ffn.artifacts.provenance import data_record
-    from sparse_ffn.calibrate.thresholds import calibrate_thresholds
+    from sparse_ffn.calibrate.thresholds import calibrate_targets
     from sparse_ffn.core.masking import SparsityConfig, sparsify_
     from sparse_ffn.core.perplexity import perplexity
     from sparse_ffn.model_adapters.loading import load_model, load_tokenizer, parse_device_map, placement_text, \
@@ -101,18 +121,21 @@ def _cmd_thresholds(args: argparse.Namespace, rest: list[str]) -> int:
 
     log(f"calibrating on {windows.shape[0]} x {windows.shape[1]} tokens of {args.data} "
         f"({placement_text(model, device)}, {args.dtype})")
-    thr = calibrate_thresholds(
-        model, windows, target_ppl_ratio=args.target_ppl_ratio, cett=args.cett, names=names,
+    files = calibrate_targets(
+        model, windows, targets, cett=args.cett, names=names,
         batch_size=args.batch_size, activation_dtype=args.activation_dtype, max_activation_memory=budget,
         progress=not args.no_progress, log=log, data=data_record(args.data, sha))
-    thr.model["name_or_path"] = str(model_dir.resolve())
-    cal = thr.calibration
-    log(f"c={cal['cett']:.5f}: PPL ratio {cal['ppl_ratio']:.5f} on the calibration text, mean sparsity "
-        f"{thr.sparsity['mean']:.4f}")
-
-    if eval_windows is not None:
-        dense = perplexity(model, eval_windows, args.batch_size, progress=not args.no_progress,
-                           desc="held-out dense")
+    dense = None
+    for key, thr in files.items():
+        thr.model["name_or_path"] = str(model_dir.resolve())
+        cal = thr.calibration
+        log(f"{'target ' + format(key, 'g') + ': ' if targets else ''}c={cal['cett']:.5f}: PPL ratio "
+            f"{cal['ppl_ratio']:.5f} on the calibration text, mean sparsity {thr.sparsity['mean']:.4f}")
+        if eval_windows is None:
+            continue
+        if dense is None:
+            dense = perplexity(model, eval_windows, args.batch_size, progress=not args.no_progress,
+                               desc="held-out dense")
         handle = sparsify_(model, SparsityConfig("cett", thresholds=tuple(thr.thresholds)), names)
         try:
             sparse = perplexity(model, eval_windows, args.batch_size, progress=not args.no_progress,
@@ -129,7 +152,8 @@ def _cmd_thresholds(args: argparse.Namespace, rest: list[str]) -> int:
         }
         log(f"held-out {args.eval_data}: PPL {dense['perplexity']:.4f} -> {sparse['perplexity']:.4f}, "
              f"ratio {ratio:.5f}, mean sparsity {measured['mean']:.4f}")
-    cal["timing"]["command_s"] = round(time.perf_counter() - start, 3)
-    path = thr.save(out)
-    print(path.resolve())
+    command_s = round(time.perf_counter() - start, 3)
+    for key, thr in files.items():
+        thr.calibration["timing"]["command_s"] = command_s
+        print(thr.save(outs[key]).resolve())
     return 0
