@@ -85,6 +85,19 @@ def test_experts_equal_the_in_memory_expanded_model(tiny, capsys):
     assert r2["perplexity"] == r["perplexity"]
 
 
+def test_experts_streamed_equal_in_memory(tiny, capsys):
+    base = ["--model", str(tiny["model"]), "--experts", str(tiny["experts"]), "--data", str(tiny["test"]),
+            "--seq-len", str(SEQ), "--batch-size", "2"]
+    r = run_ppl(capsys, *base, "--experts-streaming")
+    assert r["perplexity"] == tiny["expanded"]["perplexity"] and r["experts_streaming"] is True
+    assert r["expert_usage"]["tokens"] == tiny["windows"].numel()
+    r2 = run_ppl(capsys, *base, "--experts-max-memory", "1KiB")  # below the experts' size: streamed
+    assert r2["experts_streaming"] is True and r2["perplexity"] == r["perplexity"]
+    assert r2["expert_usage"] == r["expert_usage"]
+    r3 = run_ppl(capsys, *base, "--experts-max-memory", "100GiB")  # fits: in memory
+    assert r3["experts_streaming"] is False and r3["perplexity"] == r["perplexity"]
+
+
 def test_zero_thresholds_are_dense_and_report_sparsity(tiny, capsys):
     r = run_ppl(capsys, "--model", str(tiny["model"]), "--thresholds", "0,0,0", "--data", str(tiny["test"]),
                 "--seq-len", str(SEQ), "--batch-size", "2")

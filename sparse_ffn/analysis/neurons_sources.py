@@ -19,8 +19,7 @@ from sparse_ffn.analysis.neurons import LinearExperts
 from sparse_ffn.core.router import Router
 from sparse_ffn.errors import UserError
 from sparse_ffn.core.experts import ROUTER_OF, routed_roles
-from sparse_ffn.artifacts.expert_files import load_layer_file
-from sparse_ffn.artifacts.experts import read_manifest
+from sparse_ffn.artifacts.experts import read_layer, read_manifest
 from sparse_ffn.core.ffn import FFN
 
 
@@ -94,7 +93,7 @@ def artifact_experts(dirs: list[str], layer: int, role: str, weight_shape: tuple
         if layer >= len(manifest["layers"]):
             raise UserError(f"--experts {d}: no layer {layer}")
         entry = manifest["layers"][layer]
-        routers, experts, _ = load_layer_file(Path(d) / entry["file"])
+        routers, experts, _ = read_layer(d, manifest, layer)
         if role not in experts:
             raise UserError(f"--experts {d}: layer {layer} has no {role} experts")
         w = experts[role].float()

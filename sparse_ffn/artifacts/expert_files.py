@@ -151,12 +151,74 @@ def load_layer_file(path: str | os.PathLike) -> tuple[dict[str, Router], dict[st
     for name in meta["routers"]:
         routers[name] = Router(tensors.get(f"router.{name}.mean"), tensors.get(f"router.{name}.components"),
                                tensors.get(f"router.{name}.centroids"))
-    experts = {}
-    for role, info in meta["experts"].items():
-        k, d_out, d_in = info["shape"]
-        try:
-            experts[role] = torch.stack([decode_weight(tensors, f"expert.{role}.{i}", (d_out, d_in),
-                                                       info["encoding"][i]) for i in range(k)])
-        except (RuntimeError, IndexError) as e:  # e.g. a bitmask whose bits do not count the values
-            raise UserError(f"{path}: {role} experts do not decode ({type(e).__name__})") from None
+    try:
+        experts = decode_experts(tensors, meta)
+    except (RuntimeError, IndexError) as e:  # e.g. a bitmask whose bits do not count the values
+        raise UserError(f"{path}: experts do not decode ({type(e).__name__})") from None
     return routers, experts, meta
+
+
+# ------------------------------------------------------------------------------------------------
+# Decoding straight into place (no stacked copies), and reading a layer file by parts
+# ------------------------------------------------------------------------------------------------
+
+def decode_weight_into(out: Tensor, tensors: dict[str, Tensor], prefix: str, enc: str) -> Tensor:
+    """`decode_weight` written into `out` (d_out, d_in), a contiguous slice of a preallocated stack."""
+    flat = out.view(-1)
+    if enc == "dense":
+        flat.copy_(tensors[f"{prefix}.dense"].reshape(-1))
+        return out
+    values = tensors[f"{prefix}.values"]
+    flat.zero_()
+    if enc == "indices":
+        flat[tensors[f"{prefix}.indices"].long()] = values.to(flat.dtype)
+    elif enc == "bitmask":
+        packed = tensors[f"{prefix}.bitmask"]
+        mask = ((packed[:, None] >> torch.arange(8, dtype=torch.uint8)) & 1).bool().reshape(-1)[:flat.numel()]
+        flat[mask] = values.to(flat.dtype)
+    else:
+        raise UserError(f"{prefix}: unknown encoding {enc!r}")
+    return out
+
+
+def expert_shapes(meta: dict) -> dict[str, tuple[tuple[int, int, int], torch.dtype]]:
+    """{role: ((K, d_out, d_in), dtype)} of a layer file's metadata."""
+    return {role: (tuple(info["shape"]), getattr(torch, info["dtype"])) for role, info in meta["experts"].items()}
+
+
+def decode_experts(tensors: dict[str, Tensor], meta: dict,
+                   out: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """The (K, d_out, d_in) experts by role of a layer file's tensors, each expert decoded into its slice of
+    one preallocated stack (peak: the stack plus one expert's mask); `out` gives the stacks to reuse."""
+    experts = {}
+    for role, (shape, dtype) in expert_shapes(meta).items():
+        buf = (out or {}).get(role)
+        if buf is None or tuple(buf.shape) != shape or buf.dtype != dtype or not buf.is_contiguous():
+            buf = torch.empty(shape, dtype=dtype)
+        encodings = meta["experts"][role]["encoding"]
+        for i in range(shape[0]):
+            decode_weight_into(buf[i], tensors, f"expert.{role}.{i}", encodings[i])
+        experts[role] = buf
+    return experts
+
+
+def read_layer_file(path: str | os.PathLike, *, experts: bool = True
+                    ) -> tuple[dict[str, Router], dict[str, Tensor], dict]:
+    """`load_layer_file` by parts: experts=False reads only the routers and the metadata (the expert
+    tensors stay on disk); the experts dict is then empty."""
+    if experts:
+        return load_layer_file(path)
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("sparse_ffn", "null"))
+            tensors = {k: f.get_tensor(k) for k in f.keys() if k.startswith("router.")}
+    except Exception as e:  # noqa: BLE001 - a damaged file is the user's to fix
+        raise UserError(f"{path}: not a readable safetensors layer file ({type(e).__name__}: {e})") from None
+    check_header(meta, FORMAT, VERSION, str(path), "experts layer file")
+    check_layer_meta(meta, str(path))
+    routers = {name: Router(tensors.get(f"router.{name}.mean"), tensors.get(f"router.{name}.components"),
+                            tensors.get(f"router.{name}.centroids")) for name in meta["routers"]}
+    return routers, {}, meta

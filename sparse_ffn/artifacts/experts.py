@@ -26,13 +26,21 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from sparse_ffn.core.experts import ExpertsHandle, install_layer
-from sparse_ffn.core.ffn import FFN, FFNNames, decoder_layers, find_ffns, model_fingerprint
+from sparse_ffn.core.experts import ExpertsHandle, check_layer_experts, install_layer, install_layer_unloaded
+from sparse_ffn.core.ffn import FFN, FFNNames, decoder_layers, find_ffns, linear_weight, model_fingerprint
 from sparse_ffn.core.router import Router
 from sparse_ffn.errors import UserError
 from sparse_ffn.artifacts.atomic import atomic_write_bytes, atomic_write_json, check_writable, write_error
-from sparse_ffn.artifacts.expert_files import FORMAT, VERSION, layer_bytes, layer_file, load_layer_file, \
-    read_layer_meta
+from sparse_ffn.artifacts.expert_files import (
+    FORMAT,
+    VERSION,
+    expert_shapes,
+    layer_bytes,
+    layer_file,
+    load_layer_file,
+    read_layer_file,
+    read_layer_meta,
+)
 from sparse_ffn.artifacts.integrity import check_digest, check_layer_fits, check_manifest, layer_path, \
     partial_entry_problem
 from sparse_ffn.artifacts.provenance import check_fingerprint, check_header, created_by
@@ -84,15 +92,8 @@ def apply_experts_(model: nn.Module, artifact_dir: str | os.PathLike, names: FFN
     `.remove()` (restores the dense linears). Apply experts before `sparsify_`, not after. `ffns`: the
     model's `find_ffns(model, names)` when already at hand (its records then point at the experts).
     """
-    manifest = read_manifest(artifact_dir)
-    ffns = find_ffns(model, names) if ffns is None else ffns
-    where = str(Path(artifact_dir) / MANIFEST)
-    check_fingerprint((manifest.get("model") or {}).get("fingerprint") or {}, model_fingerprint(model, ffns), where,
-                      "experts made for")
-    if len(manifest["layers"]) != len(ffns):
-        raise UserError(f"{where}: {len(manifest['layers'])} layers, the model has {len(ffns)} FFN layers")
-    handle = ExpertsHandle(model, ffns, decoder_layers(model, names.layers if names else None)[1],
-                           manifest=manifest, source=str(artifact_dir))
+    handle = experts_handle(model, artifact_dir, names, ffns=ffns)
+    manifest, ffns = handle.manifest, handle.ffns
     try:
         for i, (ffn, entry) in enumerate(zip(ffns, manifest["layers"])):
             routers, experts, _ = read_layer(artifact_dir, manifest, i)
@@ -101,6 +102,68 @@ def apply_experts_(model: nn.Module, artifact_dir: str | os.PathLike, names: FFN
         handle.remove()
         raise
     return handle
+
+
+def experts_handle(model: nn.Module, artifact_dir: str | os.PathLike, names: FFNNames | None = None, *,
+                   ffns: list[FFN] | None = None) -> ExpertsHandle:
+    """An empty ExpertsHandle on `model` for the artifact, after checking the artifact against the model
+    (fingerprint, layer count)."""
+    manifest = read_manifest(artifact_dir)
+    ffns = find_ffns(model, names) if ffns is None else ffns
+    where = str(Path(artifact_dir) / MANIFEST)
+    check_fingerprint((manifest.get("model") or {}).get("fingerprint") or {}, model_fingerprint(model, ffns), where,
+                      "experts made for")
+    if len(manifest["layers"]) != len(ffns):
+        raise UserError(f"{where}: {len(manifest['layers'])} layers, the model has {len(ffns)} FFN layers")
+    return ExpertsHandle(model, ffns, decoder_layers(model, names.layers if names else None)[1],
+                         manifest=manifest, source=str(artifact_dir))
+
+
+def apply_experts_streamed_(model: nn.Module, artifact_dir: str | os.PathLike, names: FFNNames | None = None, *,
+                            ffns: list[FFN] | None = None) -> ExpertsHandle:
+    """`apply_experts_` for layer-streamed evaluation: every routed linear becomes an ExpertLinear with its
+    router, but without experts (the layer files' expert tensors stay on disk); `load_layer_experts`
+    brings one layer's in, `unload_layer_experts` drops them. The usage slots and the masking hooks are
+    the in-memory mode's."""
+    handle = experts_handle(model, artifact_dir, names, ffns=ffns)
+    try:
+        where = str(Path(artifact_dir) / MANIFEST)
+        for i, (ffn, entry) in enumerate(zip(handle.ffns, handle.manifest["layers"])):
+            path = layer_path(artifact_dir, entry, where)
+            routers, _, meta = read_layer_file(path, experts=False)
+            check_layer_fits(meta, i, handle.manifest["settings"], handle.manifest["layout"], str(path))
+            install_layer_unloaded(handle, ffn, routers, {r: shape for r, (shape, _) in expert_shapes(meta).items()},
+                                   where=str(path))
+    except BaseException:
+        handle.remove()
+        raise
+    return handle
+
+
+def load_layer_experts(handle: ExpertsHandle, layer: int) -> None:
+    """Decode layer `layer`'s experts from the handle's artifact into its (unloaded) ExpertLinear modules."""
+    path = Path(handle.source) / handle.manifest["layers"][layer]["file"]
+    _, experts, _ = read_layer(handle.source, handle.manifest, layer)  # sha256, layer, K checked each time
+    modules = handle.modules(layer)
+    check_layer_experts(handle.ffns[layer], {r: tuple(t.shape) for r, t in experts.items()}, str(path))
+    for role, module in modules.items():
+        module.load_(experts.pop(role))
+
+
+def unload_layer_experts(handle: ExpertsHandle, layer: int) -> None:
+    for module in handle.modules(layer).values():
+        module.unload_()
+
+
+def experts_memory_bytes(handle: ExpertsHandle) -> int:
+    """Bytes the artifact's experts take in memory when all are loaded (K dense copies of each routed
+    linear, in the model's dtype)."""
+    total = 0
+    for layer in range(len(handle.ffns)):
+        for module in handle.modules(layer).values():
+            w = linear_weight(module.base_layer)
+            total += module.num_experts * w.numel() * w.element_size()
+    return total
 
 
 class ArtifactWriter:

@@ -19,13 +19,23 @@ class LayerRunner:
 
     `capture(ids)` runs the model with every decoder layer replaced by a stub that records its
     arguments (and stops at the last layer), giving layer 0's hidden-state input and, per layer, the
-    other positional and keyword arguments. Those depend only on the batch shape (no padding in
-    calibration windows), so they are kept per batch size. `run(l, h)` calls layer l on h.
+    other positional and keyword arguments. Those depend only on the input shape (no attention mask:
+    calibration windows, right-padded lm-eval batches), so they are kept per (batch, seq) shape, the
+    last `max_shapes` of them. `run(l, h)` calls layer l on h; `head(ids, h)` gives the model's output
+    (logits) for `ids` with the last layer's output taken to be h.
     """
 
-    def __init__(self, model: nn.Module, layers: nn.ModuleList) -> None:
+    def __init__(self, model: nn.Module, layers: nn.ModuleList, max_shapes: int = 8) -> None:
         self.model, self.layers = model, layers
-        self._calls: dict[int, list[tuple[bool, tuple, dict]]] = {}  # batch size -> per layer (positional?, args, kwargs)
+        self.max_shapes = max_shapes
+        # (batch, seq) -> per layer (positional?, args, kwargs)
+        self._calls: dict[tuple[int, int], list[tuple[bool, tuple, dict]]] = {}
+        self._tuple_out: int | None = None  # the layers' outputs: None = a tensor, n = a tuple of n
+
+    def prepare(self, ids: Tensor) -> None:
+        """Make sure the per-layer arguments for `ids`' shape are at hand (capturing them if not)."""
+        if tuple(ids.shape) not in self._calls:
+            self.capture(ids)
 
     def capture(self, ids: Tensor) -> Tensor:
         """Layer 0's input for `ids` (batch, seq); records the per-layer arguments for this batch size."""
@@ -55,15 +65,43 @@ class LayerRunner:
         if any(c is None for c in calls):
             raise UserError(f"{type(self.model).__name__}: the model did not call every decoder layer once "
                             f"per forward; sequential calibration is not supported for this family")
-        self._calls[ids.shape[0]] = [(p, a, k) for p, a, k, _ in calls]
+        while len(self._calls) >= self.max_shapes:
+            del self._calls[next(iter(self._calls))]
+        self._calls[tuple(ids.shape)] = [(p, a, k) for p, a, k, _ in calls]
         return calls[0][3]
 
     def run(self, layer: int, hidden: Tensor) -> Tensor:
-        positional, args, kwargs = self._calls[hidden.shape[0]][layer]
+        positional, args, kwargs = self._calls[tuple(hidden.shape[:2])][layer]
         with torch.no_grad():
             out = self.layers[layer](hidden, *args, **kwargs) if positional else \
                 self.layers[layer](hidden_states=hidden, **kwargs)
-        return out[0] if isinstance(out, (tuple, list)) else out
+        if isinstance(out, (tuple, list)):
+            self._tuple_out = len(out)
+            return out[0]
+        self._tuple_out = None
+        return out
+
+    def head(self, ids: Tensor, last: Tensor) -> Any:
+        """The model's own forward on `ids` (use_cache=False) with every decoder layer passing its input
+        through, except the last, which returns `last` (its output, e.g. from layer-by-layer runs): the
+        final norm and LM head run exactly as in a full forward. Call `run` once first (output kind)."""
+        final = len(self.layers) - 1
+        wrap = self._tuple_out
+
+        def stub(i: int):
+            def forward(*args: Any, **kwargs: Any) -> Any:
+                h = last if i == final else (args[0] if args else kwargs["hidden_states"])
+                return h if wrap is None else (h,) + (None,) * (wrap - 1)
+            return forward
+
+        for i, layer in enumerate(self.layers):
+            layer.forward = stub(i)
+        try:
+            with torch.no_grad():
+                return self.model(input_ids=ids, use_cache=False)
+        finally:
+            for layer in self.layers:
+                del layer.forward
 
     def self_check(self, ids: Tensor) -> None:
         """UserError unless running the layers one by one reproduces the model's hidden states on `ids`."""

@@ -23,6 +23,7 @@ from sparse_ffn.cli.options import (
     apply_threads,
     ffn_args,
     log,
+    parse_bytes,
 )
 
 
@@ -37,6 +38,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--experts", metavar="DIR", help="Sparse Expansion experts directory (calibrate experts)")
     g.add_argument("--thresholds", metavar="F", help="CETT threshold file, or a comma-separated list (one per layer)")
+    p.add_argument("--experts-streaming", action="store_true",
+                   help="with --experts: evaluate layer by layer, one layer's experts in memory at a time (same "
+                        "numbers as the in-memory model)")
+    p.add_argument("--experts-max-memory", metavar="SIZE",
+                   help="with --experts: stream when the experts need more than SIZE in memory (e.g. 4GiB)")
     add_data_options(p, what="evaluation text", tokens=None, seq_len=None)
     p.add_argument("--seq-len", type=int, required=True, metavar="L", help="window length in tokens (paper: 2048)")
     p.add_argument("--tokens", type=int, metavar="N", help="score only the first N // L windows (default: all)")
@@ -53,9 +59,11 @@ def _cmd_ppl(args: argparse.Namespace, rest: list[str]) -> int:
     apply_threads(args.threads)
     from sparse_ffn.tasks.paper_ppl import paper_perplexity
 
+    budget = None if args.experts_max_memory is None else parse_bytes(args.experts_max_memory, "--experts-max-memory")
     r = paper_perplexity(args.model, args.data, args.seq_len, experts=args.experts, thresholds=args.thresholds,
                          tokens=args.tokens, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-                         ffn_args=ffn_args(args), progress=not args.quiet)
+                         ffn_args=ffn_args(args), progress=not args.quiet,
+                         streaming=True if args.experts_streaming else None, max_memory=budget)
     extra = f", mean sparsity {r['sparsity']['mean']:.4f}" if r["sparsity"] else ""
     log(f"perplexity {r['perplexity']:.4f} over {r['tokens']} predicted tokens ({r['windows']}/"
         f"{r['windows_available']} windows of {r['seq_len']}){extra}, {r['seconds']:.1f} s")

@@ -94,6 +94,18 @@ class TokenCounter:
             self._commit(prefix_mask(self._rows, tuple(ref.shape[:2]), ref.device), tokens=sum(self._rows))
         self._pending, self._rows, self._valid = {}, [], None
 
+    def commit_rows(self, lengths: list[int], *, tokens: bool = True) -> bool:
+        """Commit what is pending now as `flush` does in rows mode for rows marked `lengths` (0 = not
+        counted), without marks: a layer-streamed evaluation runs one layer of a batch at a time and
+        commits each layer's values with the same rows. tokens=False adds the counts but not the tokens
+        (already counted with an earlier layer of the batch). Returns whether anything was pending."""
+        had = bool(self._pending)
+        if had:
+            ref = self._batched(next(iter(self._pending.values())))
+            self._commit(prefix_mask(lengths, tuple(ref.shape[:2]), ref.device), tokens=sum(lengths) if tokens else 0)
+        self._pending, self._rows, self._valid = {}, [], None
+        return had
+
     def _batched(self, values: Tensor) -> Tensor:
         """`values` as (batch, seq, ...) of the forward's input shape (undoes OPT-style flattening)."""
         shape = self._shape

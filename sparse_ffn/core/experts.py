@@ -97,21 +97,37 @@ class ExpertLinear(nn.Module):
 
     `base_layer` is the dense module it replaced (restored by `remove()`; its bias is used, and
     `find_ffns`/`model_fingerprint` read the dense weight through it, as for a PEFT wrapper).
-    `experts` is (K, d_out, d_in) in the dense weight's dtype.
+    `experts` is (K, d_out, d_in) in the dense weight's dtype, or None: an *unloaded* module (layer-streamed
+    evaluation) whose experts arrive with `load_` and leave with `unload_`; calling it unloaded is an error.
     """
 
-    def __init__(self, base_layer: nn.Module, router: Router, experts: Tensor, *,
+    def __init__(self, base_layer: nn.Module, router: Router, experts: Tensor | None, *,
                  stats: ExpertUsageStats | None = None, slot: tuple[int, str] | None = None) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.router = router  # shared between gate_proj and up_proj of a layer
-        w = linear_weight(base_layer)
+        self.register_buffer("experts", None, persistent=False)
+        self.stats, self.slot = stats, slot
+        if experts is not None:
+            self.load_(experts)
+
+    def load_(self, experts: Tensor) -> None:
+        """Hold `experts` (K, d_out, d_in) (moved to the dense weight's device and dtype; no copy when
+        they are there already)."""
+        w = linear_weight(self.base_layer)
         if experts.dim() != 3 or tuple(experts.shape[1:]) != tuple(w.shape):
             raise UserError(f"experts of shape {tuple(experts.shape)} do not fit a {tuple(w.shape)} linear")
-        if experts.shape[0] != router.num_clusters:
-            raise UserError(f"{experts.shape[0]} experts for a router with {router.num_clusters} clusters")
-        self.register_buffer("experts", experts.to(device=w.device, dtype=w.dtype).contiguous(), persistent=False)
-        self.stats, self.slot = stats, slot
+        if experts.shape[0] != self.router.num_clusters:
+            raise UserError(f"{experts.shape[0]} experts for a router with {self.router.num_clusters} clusters")
+        self.experts = experts.to(device=w.device, dtype=w.dtype).contiguous()
+
+    def unload_(self) -> None:
+        """Drop the experts (the module keeps its router and dense base layer)."""
+        self.experts = None
+
+    @property
+    def loaded(self) -> bool:
+        return self.experts is not None
 
     @property
     def weight(self) -> Tensor:  # what code that peeks at `.weight` (dtype, device) expects
@@ -123,9 +139,13 @@ class ExpertLinear(nn.Module):
 
     @property
     def num_experts(self) -> int:
-        return self.experts.shape[0]
+        return self.router.num_clusters if self.experts is None else self.experts.shape[0]
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.experts is None:
+            raise UserError("experts not loaded: this model evaluates layer by layer (experts_streaming=True), "
+                            "which serves loglikelihood requests only; use the in-memory mode "
+                            "(experts_streaming=False) for generation")
         lead, d_in = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, d_in)
         bias = self.bias
@@ -149,7 +169,8 @@ class ExpertLinear(nn.Module):
         return out.view(*lead, out.shape[-1])
 
     def extra_repr(self) -> str:
-        k, d_out, d_in = self.experts.shape
+        d_out, d_in = linear_weight(self.base_layer).shape
+        k = self.num_experts
         return f"experts={k}, in_features={d_in}, out_features={d_out}"
 
 
@@ -178,8 +199,10 @@ class ExpertsHandle:
         self._hooks = count_forwards(model, self.stats)
         model._sparse_ffn_experts = self
 
-    def install(self, ffn: FFN, routers: dict[str, Router], experts: dict[str, Tensor]) -> dict[str, ExpertLinear]:
-        """Swap each routed linear of `ffn` for an ExpertLinear (routers shared per name)."""
+    def install(self, ffn: FFN, routers: dict[str, Router],
+                experts: dict[str, Tensor | None]) -> dict[str, ExpertLinear]:
+        """Swap each routed linear of `ffn` for an ExpertLinear (routers shared per name); an experts
+        entry None installs the module unloaded (see `ExpertLinear.load_`)."""
         roles = routed_roles(ffn)
         missing = [r for r in roles if r not in experts]
         if missing:
@@ -203,6 +226,11 @@ class ExpertsHandle:
             out[role] = module
         return out
 
+    def modules(self, layer: int) -> dict[str, ExpertLinear]:
+        """The ExpertLinear modules installed on decoder layer `layer`, by role."""
+        f = self.ffns[layer]
+        return {r: getattr(f, r) for r in routed_roles(f) if isinstance(getattr(f, r), ExpertLinear)}
+
     def usage(self) -> dict:
         return self.stats.summary()
 
@@ -223,19 +251,36 @@ class ExpertsHandle:
             del self.model._sparse_ffn_experts
 
 
+def check_layer_experts(ffn: FFN, shapes: dict[str, tuple[int, ...]], where: str = "experts") -> None:
+    """UserError unless `shapes` ({role: (K, d_out, d_in)}) has every routed linear of `ffn`, each fitting
+    the model's linear."""
+    for role in routed_roles(ffn):
+        if role not in shapes:
+            raise UserError(f"{where}: no experts for {role} (layout mismatch)")
+        w = linear_weight(getattr(ffn, role))
+        if tuple(shapes[role][1:]) != tuple(w.shape):
+            raise UserError(f"{where}: {role} experts are {tuple(shapes[role][1:])}, the model's "
+                            f"linear is {tuple(w.shape)}")
+
+
 def install_layer(handle: ExpertsHandle, ffn: FFN, routers: dict[str, Router],
                   experts: dict[str, Tensor], where: str = "experts") -> None:
     """Check the experts against `ffn`'s linears, move them to the linears' device, install them."""
-    for role in routed_roles(ffn):
-        if role not in experts:
-            raise UserError(f"{where}: no experts for {role} (layout mismatch)")
-        w = linear_weight(getattr(ffn, role))
-        if tuple(experts[role].shape[1:]) != tuple(w.shape):
-            raise UserError(f"{where}: {role} experts are {tuple(experts[role].shape[1:])}, the model's "
-                            f"linear is {tuple(w.shape)}")
+    check_layer_experts(ffn, {r: tuple(t.shape) for r, t in experts.items()}, where)
+    handle.install(ffn, _routers_on_device(ffn, routers, where), experts)
+
+
+def install_layer_unloaded(handle: ExpertsHandle, ffn: FFN, routers: dict[str, Router],
+                           shapes: dict[str, tuple[int, ...]], where: str = "experts") -> None:
+    """`install_layer` without the expert weights: the routed modules are in place (routers, usage
+    slots, room for the masking hooks) and get their (K, d_out, d_in) experts later (`ExpertLinear.load_`)."""
+    check_layer_experts(ffn, shapes, where)
+    handle.install(ffn, _routers_on_device(ffn, routers, where), {r: None for r in shapes})
+
+
+def _routers_on_device(ffn: FFN, routers: dict[str, Router], where: str) -> dict[str, Router]:
     device = linear_weight(ffn.down).device
     if device.type == "meta":
         raise UserError(f"{where}: the model's FFN weights are offloaded (meta device); experts need them in "
                         f"memory: load the model without offloading (a device_map over real devices)")
-    routers = {k: r.to(device) for k, r in routers.items()}
-    handle.install(ffn, routers, experts)
+    return {k: r.to(device) for k, r in routers.items()}

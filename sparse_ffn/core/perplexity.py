@@ -7,6 +7,7 @@ not lm-eval's `wikitext` word/byte perplexity: label them apart when reporting b
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import nn
@@ -28,7 +29,8 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, *, progress: bool = False,
-               desc: str = "perplexity", per_window: bool = False) -> dict:
+               desc: str = "perplexity", per_window: bool = False,
+               logits: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> dict:
     """{"perplexity", "nll", "tokens"} of `model` on `windows` (LongTensor (n_windows, seq_len)).
 
     Each window is one independent sequence (no attention mask: every position is real); position j
@@ -36,6 +38,8 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, *, 
     predicted tokens of -log p (natural log, accumulated in float64); perplexity = exp(nll). Runs on the
     model's device, without gradients; batch composition does not change which tokens count.
     per_window=True adds "window_nll": each window's summed NLL (floats), e.g. for sub-set ratios.
+    logits: `logits(i, ids)` gives the (batch, seq, vocab) logits of the i-th batch instead of a forward
+    (e.g. a layer-streamed evaluation, `model_adapters.streaming`).
     """
     if windows.dim() != 2 or windows.shape[1] < 2 or windows.shape[0] < 1:
         raise ValueError(f"windows must be (n_windows >= 1, seq_len >= 2), got {tuple(windows.shape)}")
@@ -48,13 +52,13 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, *, 
         starts = tqdm(starts, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
     sums = []
     with torch.inference_mode():
-        for i in starts:
+        for n, i in enumerate(starts):
             ids = windows[i: i + batch_size].to(device)
-            logits = model(input_ids=ids, use_cache=False).logits
+            out = model(input_ids=ids, use_cache=False).logits if logits is None else logits(n, ids)
             for row in range(ids.shape[0]):  # row by row: no copy of the whole (batch, seq, vocab) logits
-                nll = nn.functional.cross_entropy(logits[row, :-1].float(), ids[row, 1:], reduction="none")
+                nll = nn.functional.cross_entropy(out[row, :-1].float(), ids[row, 1:], reduction="none")
                 sums.append(nll.double().sum().reshape(1))
-            del logits, nll
+            del out, nll
     window_nll = torch.cat(sums).cpu()
     tokens = windows.shape[0] * (windows.shape[1] - 1)
     mean = float(window_nll.sum()) / tokens

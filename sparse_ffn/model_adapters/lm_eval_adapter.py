@@ -32,9 +32,10 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from sparse_ffn.errors import install_excepthook
+from sparse_ffn.errors import UserError, install_excepthook
 from sparse_ffn.core.names import FFN_ARGS
 from sparse_ffn.model_adapters.lm_eval_run import log_run_end, name_results_after
+from sparse_ffn.model_adapters.lm_eval_streaming import StreamedPass, make_stream, streamed_call
 from sparse_ffn.model_adapters.sparsity_setup import resolve_sparsity
 
 
@@ -49,11 +50,14 @@ class SparseFFNLM(HFLM):
         strategy: str | None = None,
         prune_arg: float | None = None,
         experts: str | None = None,
+        experts_streaming: bool | str | None = None,
+        experts_max_memory: int | str | None = None,
         **kwargs: Any,
     ) -> None:
         install_excepthook()
         setup = resolve_sparsity(thresholds, strategy, prune_arg, pretrained=pretrained,
-                                 ffn_args={k: kwargs.pop(k) for k in FFN_ARGS if k in kwargs}, experts=experts)
+                                 ffn_args={k: kwargs.pop(k) for k in FFN_ARGS if k in kwargs}, experts=experts,
+                                 experts_streaming=experts_streaming, experts_max_memory=experts_max_memory)
         name_results_after(setup.pretrained if pretrained is None else None)  # lm-eval's output folder
         super().__init__(pretrained=setup.pretrained, **kwargs)
         acc = getattr(self, "accelerator", None)
@@ -62,6 +66,9 @@ class SparseFFNLM(HFLM):
             self._rank, self._world_size = acc.process_index, acc.num_processes
         self.applied = setup.apply(self.model)
         self.sparsity, self.experts = self.applied.masking, self.applied.experts
+        self.stream = None  # layer-streamed evaluation (model_adapters.streaming), with experts_streaming
+        if self.applied.streaming:
+            self.stream = make_stream(self, setup.experts_max_memory)
 
     def _all_stats(self) -> list:
         """The counters that follow the real-token protocol: sparsity, and expert usage with experts."""
@@ -75,6 +82,10 @@ class SparseFFNLM(HFLM):
         return self._request(super().loglikelihood_rolling, requests, disable_tqdm)
 
     def generate_until(self, requests, disable_tqdm: bool = False):  # noqa: ANN001
+        if self.stream is not None:
+            raise UserError("generate_until: experts_streaming=True (or experts_max_memory below the experts' size) "
+                            "scores loglikelihood requests only; run generation tasks in the in-memory mode "
+                            "(experts_streaming=False, no experts_max_memory)")
         return self._request(super().generate_until, requests, disable_tqdm)
 
     def _request(self, method: Callable, requests: list, disable_tqdm: bool) -> list:
@@ -87,7 +98,10 @@ class SparseFFNLM(HFLM):
         all_stats = self._all_stats()
         since = [s.checkpoint() for s in all_stats]
         with self._request_scope():
-            res = method(requests[:len(requests) - pad], disable_tqdm=disable_tqdm)
+            if self.stream is not None:
+                res = streamed_call(self, method, requests[:len(requests) - pad], disable_tqdm)
+            else:
+                res = method(requests[:len(requests) - pad], disable_tqdm=disable_tqdm)
         if self.world_size > 1:
             for s, saved in zip(all_stats, since):
                 s.sum_across_ranks(saved, self._sum_over_ranks)
@@ -149,9 +163,13 @@ class SparseFFNLM(HFLM):
         scope.owned |= local - scope.seen - earlier
         scope.seen |= everyone
 
+    streamed_pass: StreamedPass | None = None  # the pass of a layer-streamed request method call
+
     def _model_call(self, inps, attn_mask=None, labels=None):  # noqa: ANN001
         self._batch_ids, self._batch_row = inps, 0  # the rows `_select_cont_toks` then names in order
         self._batch_cpu = None  # its CPU copy, made at the first row
+        if self.streamed_pass is not None:
+            return self.streamed_pass.model_call(inps)
         return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
 
     def _select_cont_toks(self, logits, contlen=None, inplen=None):  # noqa: ANN001
@@ -167,8 +185,13 @@ class SparseFFNLM(HFLM):
                 scope.owned.discard(key)
                 scope.seen.add(key)
             self._batch_row += 1
-            for s in self._all_stats():
-                s.mark_row(inplen, counted)
+            if self.streamed_pass is not None and self.streamed_pass.recording:
+                self.streamed_pass.mark_row(inplen, counted)
+            else:
+                for s in self._all_stats():
+                    s.mark_row(inplen, counted)
+        if self.streamed_pass is not None and self.streamed_pass.recording:
+            return self.streamed_pass.placeholder(contlen)
         return super()._select_cont_toks(logits, contlen=contlen, inplen=inplen)
 
     def _model_generate(self, context, max_length, stop, **generation_kwargs):  # noqa: ANN001
@@ -176,6 +199,9 @@ class SparseFFNLM(HFLM):
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
     def _detect_batch_size(self, requests=None, pos: int = 0):  # noqa: ANN001
+        if self.stream is not None:
+            raise UserError("batch_size=auto: not with experts_streaming (the streamed layers run every input "
+                            "anyway); give a number, e.g. batch_size=8")
         all_stats = self._all_stats()
         for s in all_stats:
             s.flush()

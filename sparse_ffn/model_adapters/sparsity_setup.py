@@ -33,6 +33,8 @@ class SparsitySetup:
     pretrained: Any  # a path (or, for lm-eval's HFLM, a model object)
     experts: str | None = None  # a Sparse Expansion experts directory
     experts_manifest: dict | None = None
+    experts_streaming: bool | None = None  # True: layer-streamed; None: streamed when over experts_max_memory
+    experts_max_memory: int | None = None  # bytes
 
     @property
     def strategy(self) -> str:
@@ -52,11 +54,9 @@ class SparsitySetup:
         fingerprint = model_fingerprint(model, ffns)
         if thr is not None:
             thr.check_model(fingerprint)  # before any hook: a wrong file names the file, not the model
-        experts = None
+        experts, streaming, need = None, False, None
         if self.experts is not None:  # first: the masking hooks then sit on the routed modules
-            from sparse_ffn.artifacts.experts import apply_experts_
-
-            experts = apply_experts_(model, self.experts, self.names, ffns=ffns)
+            experts, streaming, need = self._apply_experts(model, ffns)
         try:
             masking = sparsify_(model, self.config, self.names, ffns=ffns)
         except BaseException:
@@ -78,7 +78,34 @@ class SparsitySetup:
             info["experts_source"] = str(self.experts)
             info["experts_manifest_sha256"] = sha256_file(os.path.join(self.experts, MANIFEST))
             info["experts_settings"] = (self.experts_manifest or {}).get("settings")
-        return Applied(masking=masking, experts=experts, info=info)
+            info["experts_streaming"] = streaming
+            info["experts_memory_bytes"] = need
+        return Applied(masking=masking, experts=experts, info=info, streaming=streaming)
+
+    def _apply_experts(self, model: Any, ffns: list) -> tuple[ExpertsHandle, bool, int | None]:
+        """(handle, streamed?, the experts' in-memory bytes): in memory unless experts_streaming=True or
+        the experts exceed experts_max_memory (then only the routers are loaded)."""
+        from sparse_ffn.artifacts.experts import (
+            apply_experts_,
+            apply_experts_streamed_,
+            experts_memory_bytes,
+            load_layer_experts,
+        )
+
+        if not self.experts_streaming and (self.experts_streaming is False or self.experts_max_memory is None):
+            handle = apply_experts_(model, self.experts, self.names, ffns=ffns)
+            return handle, False, experts_memory_bytes(handle)
+        handle = apply_experts_streamed_(model, self.experts, self.names, ffns=ffns)
+        need = experts_memory_bytes(handle)
+        if self.experts_streaming or need > self.experts_max_memory:
+            return handle, True, need
+        try:  # fits: load every layer (the in-memory mode)
+            for layer in range(len(ffns)):
+                load_layer_experts(handle, layer)
+        except BaseException:
+            handle.remove()
+            raise
+        return handle, False, need
 
 
 @dataclass
@@ -89,6 +116,7 @@ class Applied:
     masking: SparsityHandle
     experts: ExpertsHandle | None
     info: dict
+    streaming: bool = False  # the experts are loaded layer by layer (`model_adapters.streaming`)
 
     def counters(self) -> list:
         """The counters that follow the real-token protocol: sparsity, and expert usage with experts."""
@@ -110,6 +138,8 @@ def resolve_sparsity(
     ffn_args: dict[str, Any] | None = None,
     model_arg: str = "pretrained=...",
     experts: str | os.PathLike | None = None,
+    experts_streaming: bool | str | None = None,
+    experts_max_memory: int | str | None = None,
 ) -> SparsitySetup:
     """The lm-eval adapter's argument logic, shared: thresholds imply cett; `pretrained` may come
     from the thresholds file or the experts manifest; `model_arg` is how the model argument is spelled
@@ -141,5 +171,32 @@ def resolve_sparsity(
             ((manifest.get("model") or {}).get("name_or_path") if manifest is not None else None)
         if not pretrained:
             raise UserError(f"{model_arg} is required (the thresholds/experts file does not name its model)")
+    streaming = _flag(experts_streaming, "experts_streaming")
+    max_memory = None if experts_max_memory is None else size_bytes(experts_max_memory, "experts_max_memory")
+    if experts is None and (streaming or max_memory is not None):
+        raise UserError("experts_streaming / experts_max_memory: only with experts=DIR")
     return SparsitySetup(config=config, names=names, thresholds=thr, pretrained=pretrained, experts=experts,
-                         experts_manifest=manifest)
+                         experts_manifest=manifest, experts_streaming=streaming, experts_max_memory=max_memory)
+
+
+def _flag(value: bool | str | None, name: str) -> bool | None:
+    if value is None or isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise UserError(f"{name}={value!r}: must be True or False")
+
+
+def size_bytes(value: int | float | str, name: str) -> int:
+    """A model-arg size: bytes (int) or '4GiB', '512MB', '1.5G' (binary units) -> bytes."""
+    import re
+
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return int(value)
+    m = re.match(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b?)\s*$", str(value), re.IGNORECASE)
+    if not m:
+        raise UserError(f"{name}={value!r}: not a size (e.g. 4GiB, 512MiB, 2000000000)")
+    return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2).lower() or " "))

@@ -34,7 +34,8 @@ def paper_perplexity(model: str | os.PathLike | None, data: str | os.PathLike, s
                      experts: str | os.PathLike | None = None, thresholds: str | os.PathLike | list[float] | None = None,
                      tokens: int | None = None, batch_size: int = 1, device: str | None = "auto",
                      dtype: str = "float32", ffn_args: dict[str, Any] | None = None, progress: bool = False,
-                     per_window: bool = False) -> dict:
+                     per_window: bool = False, streaming: bool | None = None,
+                     max_memory: int | str | None = None) -> dict:
     """Paper-parity perplexity of `model` on `data`; returns the JSON-able record `sparse-ffn ppl` prints.
 
     model: local Hugging Face directory (None: the one the experts manifest / thresholds file names).
@@ -44,6 +45,9 @@ def paper_perplexity(model: str | os.PathLike | None, data: str | os.PathLike, s
     experts / thresholds: at most one. Every user mistake is a one-line UserError, raised before the
     model is loaded where it can be (bad files, flags) and right after otherwise (artifact made for
     another model). per_window=True adds "window_nll": each window's summed NLL (nats), in order.
+    streaming / max_memory (experts only): evaluate layer by layer, one layer's experts in memory at a time
+    (`model_adapters.streaming`), always (streaming=True) or when the experts exceed max_memory bytes
+    (or '4GiB'); the numbers are those of the in-memory model.
 
     Keys: metric, perplexity, nll (mean, nats), tokens (predicted tokens = windows * (seq_len - 1)),
     seq_len, windows, windows_available, batch_size, seconds (the scoring only), data {path, sha256},
@@ -65,7 +69,8 @@ def paper_perplexity(model: str | os.PathLike | None, data: str | os.PathLike, s
         raise UserError(f"--tokens {tokens}: fewer than one window of --seq-len {seq_len}")
     text, data_sha = load_text(str(data))
     setup = resolve_sparsity(thresholds, pretrained=None if model is None else os.fspath(model), ffn_args=ffn_args,
-                             model_arg="--model PATH", experts=experts)
+                             model_arg="--model PATH", experts=experts, experts_streaming=streaming,
+                             experts_max_memory=max_memory)
 
     from sparse_ffn.core.perplexity import perplexity
     from sparse_ffn.model_adapters.loading import load_model_and_tokenizer
@@ -86,7 +91,19 @@ def paper_perplexity(model: str | os.PathLike | None, data: str | os.PathLike, s
               file=sys.stderr)
     start = time.perf_counter()
     try:
-        out = perplexity(net, windows, batch_size, progress=progress, desc="ppl", per_window=per_window)
+        streamed = None
+        if applied.streaming:
+            from sparse_ffn.model_adapters.streaming import LayerStream
+
+            stream = LayerStream(net, experts_handle, applied.counters())
+            streamed = stream.run([windows[i:i + batch_size] for i in range(0, windows.shape[0], batch_size)],
+                                  progress=progress)
+        try:
+            out = perplexity(net, windows, batch_size, progress=progress, desc="ppl", per_window=per_window,
+                             logits=None if streamed is None else streamed.logits)
+        finally:
+            if streamed is not None:
+                streamed.close()
         sparsity = handle.stats.summary() if setup.thresholds is not None else None
         usage = experts_handle.usage() if experts_handle is not None else None
     finally:
@@ -109,6 +126,7 @@ def paper_perplexity(model: str | os.PathLike | None, data: str | os.PathLike, s
         "artifact": artifact,
         "sparsity": sparsity,
         "expert_usage": None if usage is None else {"tokens": usage["tokens"], "balance": usage["balance"]},
+        "experts_streaming": applied.streaming if experts_handle is not None else None,
         "sparse_ffn_version": __version__,
     }
     if per_window:
