@@ -20,13 +20,14 @@ K = 4
 SETTINGS = ExpertsSettings(num_clusters=K, sparsity=0.5, kmeans_restarts=2)
 
 
-def live_stack_bytes(stack_bytes: int) -> int:
-    """Bytes of the distinct live tensor storages exactly the size of one (K, d_out, d_in) expert stack."""
+def live_stack_bytes(stack_bytes: int, before: frozenset = frozenset()) -> int:
+    """Bytes of the distinct live tensor storages exactly the size of one (K, d_out, d_in) expert stack,
+    less those in `before` (alive before the calibration: other tests' models)."""
     seen = {}
     for o in gc.get_objects():
-        if isinstance(o, torch.Tensor) and not o.is_meta:
+        if isinstance(o, torch.Tensor) and o.device.type == "cpu":
             st = o.untyped_storage()
-            if st.nbytes() == stack_bytes:
+            if st.nbytes() == stack_bytes and st.data_ptr() not in before:
                 seen[st.data_ptr()] = st.nbytes()
     return sum(seen.values())
 
@@ -39,9 +40,12 @@ def calibrate(tmp_path, layers, monkeypatch, name, **kw):
     stack = K * cfg.hidden_size * cfg.intermediate_size * 4  # gate, up and down stacks are all this size
     peak = {"bytes": 0}
     run = LayerRunner.run
+    gc.collect()
+    before = frozenset(o.untyped_storage().data_ptr() for o in gc.get_objects()
+                       if isinstance(o, torch.Tensor) and o.device.type == "cpu")
 
     def watched(self, layer, hidden):
-        peak["bytes"] = max(peak["bytes"], live_stack_bytes(stack))
+        peak["bytes"] = max(peak["bytes"], live_stack_bytes(stack, before))
         return run(self, layer, hidden)
 
     monkeypatch.setattr(LayerRunner, "run", watched)
