@@ -83,7 +83,7 @@ def test_streaming_chosen_by_memory_budget_and_mapped_hidden_states(artifacts):
     assert small.stream is not None
     small.stream.max_memory = 1  # hidden states to a memory-mapped file
     assert small.loglikelihood(ll) == memory.loglikelihood(ll) == fits.loglikelihood(ll)
-    assert small.stream.last_hidden.mapped and small.stream.last_hidden.dir is None  # removed after the call
+    assert small.stream.last_hidden.mapped and small.stream.last_hidden.batches == []  # dropped after the call
     assert small.get_model_info()["sparse_ffn"]["expert_usage"] == memory.get_model_info()["sparse_ffn"]["expert_usage"]
 
 

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from sparse_ffn.artifacts.expert_files import STORAGE_DOC, load_layer_file
 from sparse_ffn.artifacts.experts import ArtifactWriter
 from sparse_ffn.artifacts.provenance import peak_memory
-from sparse_ffn.core.experts import ROUTER_OF, ExpertsHandle, install_layer, routed_roles
+from sparse_ffn.core.experts import ROUTER_OF, ExpertLinear, ExpertsHandle, install_layer, routed_roles
 from sparse_ffn.core.ffn import (
     FFN,
     FFNNames,
@@ -42,9 +42,11 @@ from sparse_ffn.core.ffn import (
     linear_weight,
     model_fingerprint,
 )
+from sparse_ffn.core.hidden_states import HiddenStates, mapped_or_empty
 from sparse_ffn.core.perplexity import model_device
 from sparse_ffn.core.router import Router, project
 from sparse_ffn.errors import UserError
+from sparse_ffn.calibrate.expert_memory import CacheBudget
 from sparse_ffn.calibrate.layer_runner import LayerRunner
 from sparse_ffn.calibrate.router_fit import fit_pca, kmeans
 from sparse_ffn.calibrate.sparsegpt import SparseGPTError, sparsegpt_prune
@@ -142,16 +144,25 @@ def fit_router(x: Tensor, settings: ExpertsSettings, device: torch.device,
     return router, km.labels.cpu(), stats
 
 
-def cluster_hessians(x: Tensor, labels: Tensor, k: int, device: torch.device) -> list[tuple[Tensor, int]]:
-    """[(H_k = 2/n_k X_k^T X_k as float32 (d_in, d_in), n_k)] per cluster, accumulated in float64."""
+def hessian_dtype_for(device: torch.device) -> torch.dtype:
+    """The Hessian accumulation dtype: float64 on the CPU (cheap there; the artifacts of earlier versions
+    byte for byte), float32 on accelerators (float64 is slow or absent there; `tests/test_calibrate_memory.py`
+    bounds the difference)."""
+    return torch.float64 if device.type == "cpu" else torch.float32
+
+
+def cluster_hessians(x: Tensor, labels: Tensor, k: int, device: torch.device,
+                     dtype: torch.dtype = torch.float64) -> list[tuple[Tensor, int]]:
+    """[(H_k = 2/n_k X_k^T X_k as float32 (d_in, d_in), n_k)] per cluster, accumulated in `dtype` on
+    `device`, HESSIAN_CHUNK_ROWS rows at a time (one cluster's accumulator at a time)."""
     out = []
     for c in range(k):
         idx = (labels == c).nonzero().flatten() if k > 1 else None
         n = x.shape[0] if idx is None else idx.numel()
-        h = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=device)
+        h = torch.zeros(x.shape[1], x.shape[1], dtype=dtype, device=device)
         for i in range(0, n, HESSIAN_CHUNK_ROWS):
             rows = x[i:i + HESSIAN_CHUNK_ROWS] if idx is None else x.index_select(0, idx[i:i + HESSIAN_CHUNK_ROWS])
-            rows = rows.to(device, torch.float64)
+            rows = rows.to(device, dtype)
             h += rows.T @ rows
         out.append(((h * (2.0 / n)).float() if n else h.float(), n))
     return out
@@ -186,7 +197,8 @@ def prune_experts(w: Tensor, hessians: list[tuple[Tensor, int]], settings: Exper
 def _prune_all(w: Tensor, hessians: list[tuple[Tensor, int]], settings: ExpertsSettings,
                where: str) -> tuple[Tensor, list[dict]]:
     wf = w.detach().float()
-    experts, stats = [], []
+    experts = torch.empty((len(hessians), *w.shape), dtype=w.dtype, device=w.device)  # filled in place
+    stats = []
     for c, (h, n) in enumerate(hessians):
         if n == 0:  # cannot happen with k-means' empty-cluster repair unless points coincide
             raise UserError(f"{where}: cluster {c} has no calibration tokens (too few distinct tokens for "
@@ -201,8 +213,9 @@ def _prune_all(w: Tensor, hessians: list[tuple[Tensor, int]], settings: ExpertsS
         base = float(((wf @ h) * wf).sum())
         stats.append({"tokens": n, "damp": info["damp"], "rel_error": err / base if base > 0 else 0.0,
                       "sparsity": float((pruned == 0).float().mean())})
-        experts.append(pruned.to(w.dtype))
-    return torch.stack(experts), stats
+        experts[c].copy_(pruned)
+        del pruned, delta
+    return experts, stats
 
 
 # ------------------------------------------------------------------------------------------------
@@ -239,13 +252,17 @@ def check_model_for_experts(ffns: list[FFN], settings: ExpertsSettings) -> None:
 def calibrate_experts(model: nn.Module, windows: Tensor, settings: ExpertsSettings, out: str | Path, *,
                       names: FFNNames | None = None, data: dict | None = None, batch_size: int = 8,
                       overwrite: bool = False, keep_applied: bool = False, progress: bool = True,
-                      model_info: dict | None = None, threads: int | None = None) -> CalibrationResult:
+                      model_info: dict | None = None, threads: int | None = None, max_memory: int | None = None,
+                      hessian_dtype: torch.dtype | None = None) -> CalibrationResult:
     """Calibrate Sparse Expansion experts for every FFN of `model` on `windows` (LongTensor (n, seq_len))
     and write the artifact directory `out`. Runs on the model's device. The model is left dense unless
     `keep_applied` (then `result.handle` holds the in-memory expanded model, equal to what
     `apply_experts_(model, out)` builds). `data` (source, sha256) goes into the manifest. `threads`:
     CPU threads of the k-means and SparseGPT phases (default 1, see `sweep_threads`; recorded in the
-    manifest's "run").
+    manifest's "run"). Memory is bounded by one layer: only the layer being calibrated holds experts;
+    the layer-input cache (hidden states and FFN inputs) goes to memory-mapped files when it exceeds
+    `max_memory` bytes (None: in RAM). hessian_dtype: None = `hessian_dtype_for(device)`. The manifest's
+    run.memory has the terms (`calibrate.expert_memory`).
     """
     t0 = time.time()
     ffns = find_ffns(model, names)
@@ -285,11 +302,13 @@ def calibrate_experts(model: nn.Module, windows: Tensor, settings: ExpertsSettin
     model.eval()
     runner.self_check(windows[:1].to(device))
     handle = ExpertsHandle(model, ffns, layers)
-    ok = False
+    hdtype = hessian_dtype or hessian_dtype_for(device)
     try:
-        hidden = []
-        for i in range(0, n_windows, batch_size):
-            hidden.append(runner.capture(windows[i:i + batch_size].to(device)))
+        budget = CacheBudget.plan(ffns, windows.shape, batch_size, dtype, max_memory)
+        hidden = HiddenStates([tuple(windows[i:i + batch_size].shape) for i in range(0, n_windows, batch_size)],
+                              budget.width, dtype, None if not budget.mapped else 0)
+        for j, i in enumerate(range(0, n_windows, batch_size)):
+            hidden.batches[j].copy_(runner.capture(windows[i:i + batch_size].to(device)))
         done = writer.start()
         bar = _progress(len(ffns), progress, done)
         layer_entries = []
@@ -297,33 +316,22 @@ def calibrate_experts(model: nn.Module, windows: Tensor, settings: ExpertsSettin
             l = ffn.layer
             if l < done:  # resume: rebuild the finished layer from its file
                 routers, experts, _ = load_layer_file(writer.layer_path(l))
-                install_layer(handle, ffn, routers, experts, where=str(writer.layer_path(l)))
+                where = str(writer.layer_path(l))
             else:
                 tl = time.time()
-                bar.set_postfix_str("dense pass")
-                x, a = _dense_pass(runner, ffn, hidden, tokens)
-                routers, experts, stats = {}, {}, {"routers": {}, "experts": {}}
-                layer_device = linear_weight(ffn.down).device
-                for rname, inp in (("in", x), ("down", a)):
-                    bar.set_postfix_str(f"router {rname}")
-                    router, labels, rstats = fit_router(inp, settings, layer_device, threads)
-                    hessians = cluster_hessians(inp, labels, settings.num_clusters, layer_device)
-                    rstats["tokens_per_cluster"] = [n for _, n in hessians]
-                    routers[rname], stats["routers"][rname] = router, rstats
-                    for role in routed_roles(ffn):
-                        if ROUTER_OF[role] != rname:
-                            continue
-                        bar.set_postfix_str(f"sparsegpt {role}")
-                        experts[role], stats["experts"][role] = prune_experts(
-                            linear_weight(getattr(ffn, role)), hessians, settings, f"layer {l} {role}", threads)
-                    del hessians
-                del x, a
+                routers, experts, stats = _fit_layer(runner, ffn, hidden.batches, tokens, settings, threads, hdtype,
+                                                     budget.mapped, bar)
                 stats["seconds"] = round(time.time() - tl, 3)
                 layer_entries.append(writer.write_layer(l, routers, experts, stats))
-                install_layer(handle, ffn, routers, experts, where=f"layer {l}")
+                where = f"layer {l}"
+            # only this layer's experts are installed: earlier layers live in the artifact, their outputs in `hidden`
+            install_layer(handle, ffn, routers, experts, where=where)
+            del experts
+            budget.observe(m for m in model.modules() if isinstance(m, ExpertLinear))
             bar.set_postfix_str("output pass")
-            for j, h in enumerate(hidden):
-                hidden[j] = runner.run(l, h)
+            for h in hidden.batches:
+                h.copy_(runner.run(l, h.to(device)))
+            handle.uninstall(ffn)
             bar.update(1)
         bar.close()
         memory = peak_memory(device)
@@ -331,16 +339,44 @@ def calibrate_experts(model: nn.Module, windows: Tensor, settings: ExpertsSettin
         seconds = time.time() - t0
         run = {"seconds": round(seconds, 3), **memory, "device": str(device), "resumed_from_layer": done,
                "torch": torch.__version__, "threads": {"sweeps": 1 if threads is None else threads,
-                                                       "torch": torch.get_num_threads()}}
+                                                       "torch": torch.get_num_threads()},
+               "hessian_dtype": str(hdtype).replace("torch.", ""), "memory": budget.record(settings.num_clusters,
+                                                                             torch.empty((), dtype=hdtype).element_size())}
         path = writer.finish(len(ffns), run)
-        handle.stats.reset()  # the layer-by-layer runs are not model forwards: start counting afresh
-        ok = True
-        return CalibrationResult(path=path, seconds=seconds, peak_rss_bytes=peak,
-                                 handle=handle if keep_applied else None, resumed_from=done, layers=layer_entries)
     finally:
-        if not (ok and keep_applied):
-            handle.remove()
+        handle.remove()
         model.train(was_training)
+    kept = None
+    if keep_applied:
+        from sparse_ffn.artifacts.experts import apply_experts_
+
+        kept = apply_experts_(model, path, names, ffns=ffns)
+    return CalibrationResult(path=path, seconds=seconds, peak_rss_bytes=peak, handle=kept, resumed_from=done,
+                             layers=layer_entries)
+
+
+def _fit_layer(runner: LayerRunner, ffn: FFN, hidden: list[Tensor], tokens: int, settings: ExpertsSettings,
+               threads: int | None, hdtype: torch.dtype, mapped: bool, bar: Any
+               ) -> tuple[dict[str, Router], dict[str, Tensor], dict]:
+    """Steps 1-3 of the module docstring for one layer: (routers, experts by role, stats)."""
+    bar.set_postfix_str("dense pass")
+    x, a = _dense_pass(runner, ffn, hidden, tokens, mapped)
+    routers, experts, stats = {}, {}, {"routers": {}, "experts": {}}
+    layer_device = linear_weight(ffn.down).device
+    for rname, inp in (("in", x), ("down", a)):
+        bar.set_postfix_str(f"router {rname}")
+        router, labels, rstats = fit_router(inp, settings, layer_device, threads)
+        hessians = cluster_hessians(inp, labels, settings.num_clusters, layer_device, hdtype)
+        rstats["tokens_per_cluster"] = [n for _, n in hessians]
+        routers[rname], stats["routers"][rname] = router, rstats
+        for role in routed_roles(ffn):
+            if ROUTER_OF[role] != rname:
+                continue
+            bar.set_postfix_str(f"sparsegpt {role}")  # one SparseGPT solve at a time
+            experts[role], stats["experts"][role] = prune_experts(
+                linear_weight(getattr(ffn, role)), hessians, settings, f"layer {ffn.layer} {role}", threads)
+        del hessians
+    return routers, experts, stats
 
 
 def _module_name(root: nn.Module, module: nn.Module) -> str | None:
@@ -350,13 +386,14 @@ def _module_name(root: nn.Module, module: nn.Module) -> str | None:
     return None
 
 
-def _dense_pass(runner: LayerRunner, ffn: FFN, hidden: list[Tensor], tokens: int) -> tuple[Tensor, Tensor]:
+def _dense_pass(runner: LayerRunner, ffn: FFN, hidden: list[Tensor], tokens: int,
+                mapped: bool = False) -> tuple[Tensor, Tensor]:
     """(x, a): the inputs of the layer's first FFN linear and of its down linear for every calibration
-    token, float32 on the CPU, rows in window order."""
+    token, float32 on the CPU (memory-mapped files when `mapped`), rows in window order."""
     d_in = linear_weight(_input_module(ffn)).shape[1]
     d_ff = linear_weight(ffn.down).shape[1]
-    x = torch.empty(tokens, d_in, dtype=torch.float32)
-    a = torch.empty(tokens, d_ff, dtype=torch.float32)
+    x = mapped_or_empty(tokens * d_in, torch.float32, mapped)[:tokens * d_in].view(tokens, d_in)
+    a = mapped_or_empty(tokens * d_ff, torch.float32, mapped)[:tokens * d_ff].view(tokens, d_ff)
     pos = {"x": 0, "a": 0}
 
     def grab(buf: Tensor, key: str):

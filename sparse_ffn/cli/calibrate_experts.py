@@ -21,6 +21,7 @@ from sparse_ffn.cli.options import (
     check_positive,
     ffn_names_from,
     log,
+    parse_bytes,
 )
 from sparse_ffn.errors import UserError
 
@@ -53,6 +54,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     add_threads_option(p, "torch CPU threads of the whole run, k-means and SparseGPT included (default: torch's "
                           "choice; k-means and SparseGPT then run on 1 thread, faster on a busy CPU)")
     add_ffn_options(p)
+    p.add_argument("--max-memory", default="none", metavar="SIZE",
+                   help="layer-input cache (hidden states + one layer's FFN inputs) above SIZE goes to "
+                        "memory-mapped temporary files (e.g. 8GiB; default none: in RAM)")
     p.add_argument("--out", required=True, help="artifact directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace --out (and a stale --out.partial)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -69,6 +73,7 @@ def _cmd_calibrate_experts(args: argparse.Namespace, rest: list[str]) -> int:
     from sparse_ffn.model_adapters.loading import load_model, load_tokenizer, parse_device_map, resolve_device
 
     sparsity, n_m = parse_sparsity(args.sparsity)
+    max_memory = parse_bytes(args.max_memory, "--max-memory")
     settings = ExpertsSettings(num_clusters=args.num_clusters, sparsity=sparsity, n_m=n_m,
                                pca_reduction=None if args.no_pca else args.pca_reduction, bits=args.bits,
                                kmeans_restarts=args.kmeans_restarts, kmeans_max_iter=args.kmeans_iters,
@@ -95,7 +100,7 @@ def _cmd_calibrate_experts(args: argparse.Namespace, rest: list[str]) -> int:
                                data={"source": str(args.data), "sha256": sha}, batch_size=args.batch_size,
                                overwrite=args.overwrite, progress=not args.quiet,
                                model_info={"name_or_path": str(Path(args.model).expanduser().resolve())},
-                               threads=args.threads)
+                               threads=args.threads, max_memory=max_memory)
     gib = result.peak_rss_bytes / 2 ** 30
     note = f", resumed after layer {result.resumed_from - 1}" if result.resumed_from else ""
     log(f"experts K={settings.num_clusters} for {windows.numel()} tokens in {result.seconds:.1f} s, "

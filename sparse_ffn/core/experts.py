@@ -226,6 +226,18 @@ class ExpertsHandle:
             out[role] = module
         return out
 
+    def uninstall(self, ffn: FFN) -> None:
+        """Put `ffn`'s dense linears back (its usage slots stay); the other layers keep their experts."""
+        mine = {id(getattr(ffn, r)) for r in ROLES if isinstance(getattr(ffn, r), ExpertLinear)}
+        for entry in [e for e in self._swapped if id(getattr(e[0], e[1])) in mine]:
+            parent, attr, dense = entry
+            setattr(parent, attr, dense)
+            self._swapped.remove(entry)
+        for role in ROLES:
+            m = getattr(ffn, role)
+            if isinstance(m, ExpertLinear):
+                setattr(ffn, role, m.base_layer)
+
     def modules(self, layer: int) -> dict[str, ExpertLinear]:
         """The ExpertLinear modules installed on decoder layer `layer`, by role."""
         f = self.ffns[layer]

@@ -20,9 +20,6 @@ counted; None: every position counts, as a forward without attention mask), toke
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import tempfile
 from typing import Any, Callable, Sequence
 
 import torch
@@ -31,37 +28,8 @@ from torch import Tensor, nn
 from sparse_ffn.artifacts.experts import load_layer_experts, unload_layer_experts
 from sparse_ffn.calibrate.layer_runner import LayerRunner
 from sparse_ffn.core.experts import ExpertsHandle
+from sparse_ffn.core.hidden_states import DEFAULT_HIDDEN_MEMORY, HiddenStates
 from sparse_ffn.core.perplexity import model_device
-
-DEFAULT_HIDDEN_MEMORY = 4 * 2 ** 30  # hidden states above this go to a memory-mapped file
-
-
-class HiddenStates:
-    """One (b, s, d) CPU tensor per batch: in RAM, or views of one memory-mapped file (`mapped`)."""
-
-    def __init__(self, shapes: Sequence[tuple[int, int]], width: int, dtype: torch.dtype,
-                 max_memory: int | None = DEFAULT_HIDDEN_MEMORY) -> None:
-        sizes = [b * s * width for b, s in shapes]
-        total = sum(sizes) * torch.empty((), dtype=dtype).element_size()
-        self.nbytes, self.dir = total, None
-        self.mapped = max_memory is not None and total > max_memory  # kept after `close`
-        if self.mapped:
-            self.dir = tempfile.mkdtemp(prefix="sparse-ffn-hidden-")
-            flat = torch.from_file(os.path.join(self.dir, "hidden.bin"), shared=True, size=max(1, sum(sizes)),
-                                   dtype=dtype)
-        else:
-            flat = torch.empty(max(1, sum(sizes)), dtype=dtype)
-        self.batches, start = [], 0
-        for (b, s), n in zip(shapes, sizes):
-            self.batches.append(flat[start:start + n].view(b, s, width))
-            start += n
-
-    def close(self) -> None:
-        self.batches = []
-        if self.dir is not None:
-            shutil.rmtree(self.dir, ignore_errors=True)
-            self.dir = None
-
 
 class FinalStates:
     """The last decoder layer's output for every batch of a `LayerStream.run`; `logits(i, ids)` runs the

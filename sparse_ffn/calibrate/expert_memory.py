@@ -1,0 +1,56 @@
+"""What Sparse Expansion calibration holds at its peak, beyond the dense model (README's memory table):
+
+    one layer's experts      K * sum over routed linears of d_out * d_in * b     (the layer being fitted)
+    hidden states            T * d * b                                           (the layer-input cache)
+    FFN inputs of the layer  T * (d + f) * 4                                     (float32, CPU)
+    Hessians                 K * f^2 * 4 + f^2 * h                               (one router's clusters,
+                                                                                  h: accumulator bytes)
+
+T calibration tokens, d model width, f FFN width, b bytes per weight. The cache (hidden states and FFN
+inputs) goes to memory-mapped files when it exceeds `max_memory`. The manifest records these terms and
+the largest number of expert bytes live at once (`observe`), under run.memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from sparse_ffn.core.experts import routed_roles
+from sparse_ffn.core.ffn import FFN, linear_weight
+
+
+@dataclass
+class CacheBudget:
+    width: int  # d, the hidden-state width
+    hidden_bytes: int
+    inputs_bytes: int
+    hessian_width: int  # f, the widest Hessian
+    max_memory: int | None
+    mapped: bool
+    layer_experts_bytes: int = 0  # the most expert bytes installed at once (measured)
+
+    @classmethod
+    def plan(cls, ffns: list[FFN], windows_shape: tuple[int, int], batch_size: int, dtype: torch.dtype,
+             max_memory: int | None) -> CacheBudget:
+        tokens = windows_shape[0] * windows_shape[1]
+        widths = {r: linear_weight(getattr(ffns[0], r)).shape[1] for r in routed_roles(ffns[0])}
+        d, f = widths.get("up", widths.get("gate_up", widths.get("gate"))), widths["down"]
+        hidden = tokens * d * torch.empty((), dtype=dtype).element_size()
+        inputs = tokens * (d + f) * 4
+        mapped = max_memory is not None and hidden + inputs > max_memory
+        return cls(d, hidden, inputs, max(widths.values()), max_memory, mapped)
+
+    def observe(self, modules: Iterable[nn.Module]) -> None:
+        """Note the expert bytes installed now (the modules of every layer holding experts)."""
+        live = sum(m.experts.numel() * m.experts.element_size() for m in modules if m.experts is not None)
+        self.layer_experts_bytes = max(self.layer_experts_bytes, live)
+
+    def record(self, k: int, accumulator_bytes: int = 8) -> dict:
+        f = self.hessian_width
+        return {"layer_experts_bytes": self.layer_experts_bytes, "hidden_bytes": self.hidden_bytes,
+                "layer_inputs_bytes": self.inputs_bytes, "hessian_bytes": k * f * f * 4 + f * f * accumulator_bytes,
+                "max_memory": self.max_memory, "cache_mapped": self.mapped}
