@@ -177,6 +177,7 @@ def test_mixture_neuron_gains_from_clusters_gaussian_does_not():
                 for j in range(2)]
         np.testing.assert_allclose(s.wd[n].numpy(), want, rtol=0, atol=1e-6)
     torch.testing.assert_close(s.ri[2], (s.wd[1] - s.wd[2]) / s.wd[1])
+    torch.testing.assert_close(s.non_gaussianity, nr.normal_wasserstein(nr.standardise(m.dense)))  # sorted-once path
     assert s.ri[1].abs().max() == 0
     mix, gauss = 0, 1
     drop = s.wd[1] - s.wd[2]

@@ -49,6 +49,16 @@ WD_CHUNK_COLUMNS = 512  # neurons sorted at once: bounds the float64 working cop
 # Distances and shape statistics, all neurons (columns) at once
 # ------------------------------------------------------------------------------------------------
 
+def sort_columns(x: Tensor) -> Tensor:
+    """Each column of x (m, N) sorted, as the rows of a float64 (N, m) CPU tensor (sorting contiguous rows
+    is ~5x faster than sorting along dim 0 of a strided view)."""
+    out = torch.empty(x.shape[1], x.shape[0], dtype=torch.float64)
+    for i in range(0, x.shape[1], WD_CHUNK_COLUMNS):
+        # sort in the input dtype (float32 -> float64 is exact and monotone), then widen
+        out[i:i + WD_CHUNK_COLUMNS] = torch.sort(x[:, i:i + WD_CHUNK_COLUMNS].T.contiguous().cpu(), dim=1).values.double()
+    return out
+
+
 def wasserstein_1d(a: Tensor, b: Tensor) -> Tensor:
     """W1 between column j of `a` and column j of `b` for every j: a, b (m, N), equal sizes -> (N,) float64.
 
@@ -57,9 +67,8 @@ def wasserstein_1d(a: Tensor, b: Tensor) -> Tensor:
         raise ValueError(f"need two non-empty (m, N) samples of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     out = torch.empty(a.shape[1], dtype=torch.float64)
     for i in range(0, a.shape[1], WD_CHUNK_COLUMNS):
-        sa = torch.sort(a[:, i:i + WD_CHUNK_COLUMNS].double(), dim=0).values
-        sb = torch.sort(b[:, i:i + WD_CHUNK_COLUMNS].double(), dim=0).values
-        out[i:i + WD_CHUNK_COLUMNS] = (sa - sb).abs().mean(0).cpu()
+        j = slice(i, i + WD_CHUNK_COLUMNS)
+        out[j] = (sort_columns(a[:, j]) - sort_columns(b[:, j])).abs().mean(1)
     return out
 
 
@@ -78,19 +87,24 @@ def normal_wasserstein(z: Tensor) -> Tensor:
     """Exact W1 between the empirical distribution of each column of z (m, N) and N(0, 1) -> (N,) float64.
 
     Closed form per quantile interval (module docstring); a NaN column gives NaN."""
-    m = z.shape[0]
-    if z.dim() != 2 or m == 0:
+    if z.dim() != 2 or z.shape[0] == 0:
         raise ValueError(f"need a non-empty (m, N) sample, got {tuple(z.shape)}")
+    return normal_wasserstein_sorted(sort_columns(z))
+
+
+def normal_wasserstein_sorted(zs: Tensor) -> Tensor:
+    """`normal_wasserstein` of samples given as sorted rows: zs (N, m), each row ascending -> (N,) float64."""
+    m = zs.shape[1]
     k = torch.arange(1, m + 1, dtype=torch.float64)
-    lo = torch.special.ndtri((k - 1) / m)[:, None]  # -inf for k = 1
-    hi = torch.special.ndtri(k / m)[:, None]  # +inf for k = m
-    mid = ((2 * k - 1) / m)[:, None]
+    lo = torch.special.ndtri((k - 1) / m)  # -inf for k = 1
+    hi = torch.special.ndtri(k / m)  # +inf for k = m
+    mid = (2 * k - 1) / m
     ends = _phi(lo) + _phi(hi)
-    out = torch.empty(z.shape[1], dtype=torch.float64)
-    for i in range(0, z.shape[1], WD_CHUNK_COLUMNS):
-        zs = torch.sort(z[:, i:i + WD_CHUNK_COLUMNS].double().cpu(), dim=0).values
-        c = torch.maximum(torch.minimum(zs, hi), lo)
-        out[i:i + WD_CHUNK_COLUMNS] = (zs * (2 * torch.special.ndtr(c) - mid) + 2 * _phi(c) - ends).sum(0)
+    out = torch.empty(zs.shape[0], dtype=torch.float64)
+    for i in range(0, zs.shape[0], WD_CHUNK_COLUMNS):
+        z = zs[i:i + WD_CHUNK_COLUMNS].double()
+        c = torch.maximum(torch.minimum(z, hi), lo)
+        out[i:i + WD_CHUNK_COLUMNS] = (z * (2 * torch.special.ndtr(c) - mid) + 2 * _phi(c) - ends).sum(1)
     return out
 
 
@@ -291,13 +305,18 @@ def neuron_stats(dense: Tensor, sparse: dict[int, Tensor]) -> NeuronStats:
     if 1 not in sparse:
         raise ValueError("RI needs the n = 1 (SparseGPT) sample")
     ns = sorted(sparse)
-    wd = {n: wasserstein_1d(dense, sparse[n]) for n in ns}
+    if any(sparse[n].shape != dense.shape for n in ns) or dense.dim() != 2 or dense.shape[0] == 0:
+        raise ValueError("dense and every sparse sample must be the same non-empty (m, N)")
+    ds = sort_columns(dense)  # (N, m), sorted once for every n and the non-Gaussianity
+    wd = {n: (ds - sort_columns(sparse[n])).abs().mean(1) for n in ns}
     base = wd[1]
     nan = torch.full_like(base, math.nan)
     ri = {n: torch.where(base > 0, (base - wd[n]) / torch.where(base > 0, base, 1.0), nan) for n in ns}
-    d = dense.double()
-    return NeuronStats(clusters=ns, wd=wd, ri=ri, non_gaussianity=normal_wasserstein(standardise(d)),
-                       kurtosis=excess_kurtosis(d), mean=d.mean(0).cpu(), std=d.std(0, unbiased=False).cpu())
+    d = dense.double().cpu()
+    mean, std = d.mean(0), d.std(0, unbiased=False)
+    zs = (ds - mean[:, None]) / torch.where(std > 0, std, torch.full_like(std, math.nan))[:, None]  # still sorted
+    return NeuronStats(clusters=ns, wd=wd, ri=ri, non_gaussianity=normal_wasserstein_sorted(zs),
+                       kurtosis=excess_kurtosis(d), mean=mean, std=std)
 
 
 def distribution(values: Tensor | np.ndarray) -> dict:
