@@ -26,23 +26,14 @@ import json
 import time
 from pathlib import Path
 
-from sparse_ffn.cli.options import add_dtype_option, add_placement_options, log
+from sparse_ffn.cli.options import add_dtype_option, add_placement_options, command_group, log
 from sparse_ffn.errors import UserError
 
 DEFAULT_CLUSTERS = "1,2,4,8,16"
 
 
-def analyze_subparsers(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
-    """The sub-commands of `sparse-ffn analyze` (created by whichever command module comes first)."""
-    parser = subparsers.choices.get("analyze")
-    if parser is None:
-        parser = subparsers.add_parser("analyze", help="analyses of sparse FFNs (neurons)")
-        return parser.add_subparsers(dest="analyze_command", required=True)
-    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-
-
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    p = analyze_subparsers(subparsers).add_parser(
+    p = command_group(subparsers, "analyze", "analyses of sparse FFNs (neurons)").add_parser(
         "neurons", help="per-neuron output distributions of one FFN linear, dense vs n sparse experts "
                         "(WD, RI, non-Gaussianity; JSON + PNGs); prints one JSON object",
         description="Neuronal Disentanglement (Sawmya et al.): for one FFN linear, the Wasserstein distance "

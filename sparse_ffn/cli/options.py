@@ -27,13 +27,18 @@ def log(msg: str) -> None:
     print(f"sparse-ffn: {msg}", file=sys.stderr, flush=True)
 
 
-def calibrate_subparsers(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
-    """The sub-commands of `sparse-ffn calibrate` (created by whichever command module comes first)."""
-    parser = subparsers.choices.get("calibrate")
+def command_group(subparsers: argparse._SubParsersAction, name: str, help: str) -> argparse._SubParsersAction:
+    """The sub-commands of `sparse-ffn NAME` (created by whichever command module comes first)."""
+    parser = subparsers.choices.get(name)
     if parser is None:
-        parser = subparsers.add_parser("calibrate", help="calibrate sparsity artifacts (thresholds, experts)")
-        return parser.add_subparsers(dest="calibrate_command", required=True)
+        parser = subparsers.add_parser(name, help=help)
+        return parser.add_subparsers(dest=f"{name}_command", required=True)
     return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+
+def calibrate_subparsers(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """The sub-commands of `sparse-ffn calibrate`."""
+    return command_group(subparsers, "calibrate", "calibrate sparsity artifacts (thresholds, experts)")
 
 
 def add_model_option(p: argparse.ArgumentParser, required: bool = True, help: str | None = None) -> None:
