@@ -9,28 +9,16 @@ import subprocess
 import pytest
 
 from conftest import BIN, subprocess_env
+from test_calibrate import SEQ_LEN, TOKENS, model_and_windows  # noqa: F401 - the same tiny model and windows
 
 from sparse_ffn.artifacts import thresholds as threshold_file
-from sparse_ffn.artifacts.data import load_text, token_windows
 from sparse_ffn.calibrate.thresholds import calibrate_targets, calibrate_thresholds, parse_targets, \
     target_file_name
 from sparse_ffn.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SEQ_LEN = 64
-TOKENS = 1024
 TARGETS = (1.002, 1.004, 1.01)
-
-
-@pytest.fixture(scope="module")
-def model_and_windows(model_dir, text_file):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    text, _ = load_text(str(text_file))
-    return model, token_windows(tok, text, SEQ_LEN, TOKENS)
 
 
 @pytest.fixture(scope="module")

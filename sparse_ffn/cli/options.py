@@ -8,18 +8,17 @@ Standard library only at import time: the CLI imports every command module to bu
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 from typing import Any
 
+from ..core.sizes import parse_size
 from ..core.names import FFN_NAME_FIELDS, FFNNames, ffn_names
 from ..errors import UserError
 
 DATA_HELP = ("a text file, a .jsonl with a \"text\" field, or a datasets name NAME[:CONFIG[:SPLIT]] when "
              "reachable")
 DTYPE_CHOICES: tuple[str, ...] = ("float32", "bfloat16", "float16")
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 
 
 def log(msg: str) -> None:
@@ -119,12 +118,7 @@ def apply_threads(threads: int | None) -> None:
 
 def parse_bytes(text: str, flag: str = "--max-activation-memory") -> int | None:
     """'4GiB', '512M', '1.5G', '1000000' -> bytes; 'none'/'unlimited' -> None (binary units)."""
-    if text.strip().lower() in ("none", "unlimited", "inf"):
-        return None
-    m = _SIZE.match(text)
-    if not m:
-        raise UserError(f"{flag} {text!r}: not a size (e.g. 4GiB, 512MiB, 2000000000)")
-    return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2).lower() or " "))
+    return parse_size(text, f"{flag} {text!r}")
 
 
 def check_out_dir(path: str, flag: str = "--out-dir") -> Path:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from sparse_ffn import __version__
 from sparse_ffn.core.names import FFN_ARGS, ffn_names
+from sparse_ffn.core.sizes import parse_size
 from sparse_ffn.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -192,11 +193,7 @@ def _flag(value: bool | str | None, name: str) -> bool | None:
 
 def size_bytes(value: int | float | str, name: str) -> int:
     """A model-arg size: bytes (int) or '4GiB', '512MB', '1.5G' (binary units) -> bytes."""
-    import re
-
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return int(value)
-    m = re.match(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b?)\s*$", str(value), re.IGNORECASE)
-    if not m:
-        raise UserError(f"{name}={value!r}: not a size (e.g. 4GiB, 512MiB, 2000000000)")
-    return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2).lower() or " "))
+    size = parse_size(value, f"{name}={value!r}")
+    if size is None:
+        raise UserError(f"{name}={value!r}: give a size (e.g. 4GiB), not unlimited")
+    return size
