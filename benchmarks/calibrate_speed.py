@@ -97,6 +97,8 @@ def compare(args, model, windows, ffns, sha, threads, agreement: bool) -> dict:
 
     torch.set_num_threads(threads)
     print(f"== threads {torch.get_num_threads()} ==", flush=True)
+    with torch.inference_mode():  # warm-up: neither method pays the process's first-forward costs
+        model(input_ids=windows[:1], use_cache=False)
 
     def log(prefix: str, t0: float):
         return lambda msg: print(f"  [{prefix} {time.perf_counter() - t0:7.1f}s] {msg}", flush=True)

@@ -51,6 +51,21 @@ def test_multi_target_equals_single_target_runs(model_and_windows, singles):
     assert total_new <= sum(singles[r].calibration["timing"]["sparse_passes"] for r in TARGETS)
 
 
+def test_each_target_starts_afresh_where_cett_is_not_monotone(model_and_windows):
+    """With ratio_tol 8e-4 the 1.004 search of this tiny model fits a c at which one layer's CETT curve
+    is not monotone (CETT(grid[11703]) > CETT(grid[11704])): a layer search that had fitted the 1.002
+    search's c values first answered another crossing (0.21548 instead of 0.21552). Each target now
+    starts from a fresh search, so the files equal the single-target runs' whatever the order."""
+    model, windows = model_and_windows
+    singles = {r: calibrate_thresholds(model, windows, target_ppl_ratio=r, batch_size=4, ratio_tol=8e-4)
+               for r in (1.002, 1.004)}
+    multi = calibrate_targets(model, windows, [1.002, 1.004], batch_size=4, ratio_tol=8e-4)
+    for r in singles:
+        assert multi[r].thresholds == singles[r].thresholds
+        assert multi[r].calibration["ppl_ratio"] == singles[r].calibration["ppl_ratio"]
+    assert multi[1.004].calibration["timing"]["dense_passes"] == 1  # still one dense pass for both
+
+
 def test_parse_targets():
     assert parse_targets("1.01,1.05, 1.10") == [1.01, 1.05, 1.1]
     for text, match in [("1.01,abc", "unknown target 'abc'"), ("1.01,1.0", "must be > 1"),

@@ -79,6 +79,7 @@ class Calibrator:
         self.searches: list[LayerSearch | None] = [None] * L
         self.steer_searches: list[LayerSearch | None] = [None] * L
         self.activations: dict[int, Tensor] = {}
+        self._fresh_from = 0  # evaluations before this index are not reused (see restart_searches)
         if len(self.groups) > 1:
             self.log(f"activations of {L} layers ({format_bytes(sum(per_layer))}) exceed --max-activation-memory "
                      f"{format_bytes(budget)}: {len(self.groups)} layer groups, one dense pass per group and step")
@@ -90,6 +91,18 @@ class Calibrator:
         self.timing["collect_s"] += time.perf_counter() - start
         self.timing["dense_passes"] += 1
         self.window_nll = self.dense.pop("window_nll")
+
+    def restart_searches(self) -> None:
+        """Forget the per-layer searches and the evaluations so far (the dense activations stay): what
+        follows computes exactly what a new Calibrator would. Where CETT(t) is not monotone (a norm of
+        a sum can fall as entries join it), a search's answer can depend on the c it fitted before, so
+        a second target of one run starts here to get the single-target file."""
+        for search in self.searches:
+            if search is not None:
+                search.release(drop_activations=True)
+        self.searches = [None] * len(self.ffns)
+        self.steer_searches = [None] * len(self.ffns)
+        self._fresh_from = len(self.evals)
 
     # -- thresholds for one c -------------------------------------------------------------
     def _ensure(self, group: list[int]) -> None:
@@ -162,7 +175,7 @@ class Calibrator:
         """Fit at c (unless thresholds are given) and measure the PPL ratio on the first `windows` windows."""
         start = time.perf_counter()
         n_win = self.windows.shape[0] if windows is None else windows
-        for ev in self.evals:
+        for ev in self.evals[self._fresh_from:]:
             if thresholds is None and ev.c == c and ev.windows == n_win:
                 return ev
         steer = n_win if n_win < self.windows.shape[0] and len(self.groups) == 1 else None

@@ -91,15 +91,14 @@ def calibrate_targets(model: nn.Module, windows: Tensor, targets: Sequence[float
                       log: Callable[[str], None] | None = None,
                       data: dict | None = None) -> dict[float, ThresholdFile]:
     """{target r: its v1 ThresholdFile} for several PPL-ratio targets in one run (or {c: file} for a
-    fixed `cett` with no targets), sharing the dense pass, the activations and the per-layer searches
-    (`LayerSearch` memo across c) and reusing any sparse evaluation at a c already measured.
+    fixed `cett` with no targets), sharing the dense pass and the activations.
 
-    Each target runs the very search `calibrate_thresholds` runs for it alone, on the same Calibrator:
-    the thresholds at a c are the reference's grid answer whatever was fitted before (see
-    `LayerSearch`), so each file's thresholds, c and PPL ratio are those of a single-target run.
-    Each file's `calibration.search` lists the evaluations that target's search used, `timing.
-    sparse_passes` their count and `timing.new_sparse_passes` those it ran itself (the others were
-    shared); `calibration.shared` names all targets of the run.
+    Each target runs the very search `calibrate_thresholds` runs for it alone, from the same state
+    (`Calibrator.restart_searches` between targets: where CETT(t) is not monotone a layer's answer can
+    depend on the c fitted before), so each file's thresholds, c and PPL ratio are those of a
+    single-target run, bit for bit. Each file's `calibration.search` lists the evaluations that
+    target's search used and `timing.sparse_passes` their count (`new_sparse_passes` the same);
+    `calibration.shared` names all targets of the run and the dense passes they shared.
 
     Memory: the activations of all layers, L x N x d_ff x (4 B float32 | 2 B for a 16-bit
     activation_dtype, which rounds them), plus per-layer cached tails L x N x d_model x 4 B when they
@@ -143,7 +142,9 @@ def calibrate_targets(model: nn.Module, windows: Tensor, targets: Sequence[float
         if cett is not None:
             rec = TargetRecorder(cal)
             finals[cett] = rec.evaluate(cett), rec
-        for target in targets:
+        for i, target in enumerate(targets):
+            if i:
+                cal.restart_searches()
             rec = TargetRecorder(cal)
             if len(targets) > 1:
                 log(f"target PPL ratio {target:g}")
