@@ -173,3 +173,14 @@ def test_model_named_by_the_threshold_file_names_the_output_folder_and_the_run_e
         assert lines[0] == (f"sparse-ffn: run done: model {expected}; strategy cett (thresholds thr.json); "
                             f"mean FFN sparsity {sp['mean']:.4f} over 3 layers "
                             f"({min(sp['per_layer']):.3f}-{max(sp['per_layer']):.3f}); {sp['tokens']} tokens counted")
+
+
+def test_device_and_batch_size_in_model_args_win_over_lm_evals_defaults(tiny_llama_dir, local_tasks, tmp_path):
+    """lm-eval passes its --device default (cuda:0) and --batch_size default (1) even when they were not
+    given; with them also in --model_args, HFLM fails ("multiple values for keyword argument"). Ours
+    takes --model_args' values."""
+    res = run_lm_eval(["--model", "sparse_ffn", "--model_args",
+                       f"pretrained={tiny_llama_dir},strategy=topk,prune_arg=0.5,device=cpu,batch_size=3,max_length=256",
+                       "--tasks", "piqa_local", "--include_path", str(local_tasks), "--limit", "2"], tmp_path)
+    assert res["config"]["sparse_ffn"]["sparsity"]["mean"] == pytest.approx(0.5)
+    assert res["config"]["model_args"]["device"] == "cpu"

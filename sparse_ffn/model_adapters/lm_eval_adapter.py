@@ -70,6 +70,23 @@ class SparseFFNLM(HFLM):
         if self.applied.streaming:
             self.stream = make_stream(self, setup.experts_max_memory)
 
+    # -- construction from lm_eval's command line ---------------------------------------------------
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict[str, Any] | None = None):
+        """As HFLM's, except that `device=` in --model_args wins over lm_eval's --device: lm-eval passes
+        its --device default (cuda:0) even when it was not given, and HFLM then fails with a TypeError
+        ("multiple values for keyword argument 'device'") for `--model_args ...,device=cpu`."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        for key in set(arg_dict) & set(extra):
+            extra.pop(key)  # --model_args is the more specific place
+        return cls(**arg_dict, **extra)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict[str, Any] | None = None):
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
     def _all_stats(self) -> list:
         """The counters that follow the real-token protocol: sparsity, and expert usage with experts."""
         return self.applied.counters()
