@@ -104,3 +104,40 @@ def test_float32_hessians_close_to_float64():
         assert agree > 0.995
         err = lambda p: float((((w - p) @ a) * (w - p)).sum())  # noqa: E731 - reconstruction error on H64
         assert abs(err(pa) - err(pb)) / err(pa) < 1e-3
+
+
+def test_one_cluster_hessian_at_a_time(tmp_path, monkeypatch):
+    """While an expert is pruned, one cluster's Hessian is alive (not the router's K), and no float64
+    accumulator: the live CPU tensors shaped like a Hessian (d_in, d_in), float32 or float64, counted by
+    storage."""
+    from sparse_ffn.calibrate import experts as experts_module
+
+    model_dir = make_tiny_model("llama", tmp_path / "m", num_hidden_layers=2)
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    sizes = {model.config.hidden_size, model.config.intermediate_size}  # the routers' input widths
+    gc.collect()
+    before = frozenset(o.untyped_storage().data_ptr() for o in gc.get_objects()
+                       if isinstance(o, torch.Tensor) and o.device.type == "cpu")
+    seen = {"calls": 0, "most": 0}
+    prune = experts_module.prune_expert_into
+
+    def watched(out, wf, h, n, *args):
+        d = h.shape[0]
+        assert d in sizes
+        gc.collect()
+        live = {o.untyped_storage().data_ptr() for o in gc.get_objects()
+                if isinstance(o, torch.Tensor) and o.device.type == "cpu" and tuple(o.shape) == (d, d)
+                and o.dtype in (torch.float32, torch.float64) and o.untyped_storage().data_ptr() not in before}
+        seen["calls"] += 1
+        seen["most"] = max(seen["most"], len(live))
+        return prune(out, wf, h, n, *args)
+
+    monkeypatch.setattr(experts_module, "prune_expert_into", watched)
+    res = calibrate_experts(model, token_windows(tok, CORPUS * 8, 32, 6 * 32), SETTINGS, tmp_path / "k4",
+                            progress=False, batch_size=4)
+    assert seen["calls"] == 2 * 3 * K  # layers x (gate, up, down) x clusters
+    assert seen["most"] == 1  # the cluster's Hessian being used, nothing else of its size
+    m = json.loads((res.path / "manifest.json").read_text())
+    f = model.config.intermediate_size
+    assert m["run"]["memory"]["hessian_bytes"] == f * f * 4 + f * f * 8

@@ -3,7 +3,7 @@
     one layer's experts      K * sum over routed linears of d_out * d_in * b     (the layer being fitted)
     hidden states            T * d * b                                           (the layer-input cache)
     FFN inputs of the layer  T * (d + f) * 4                                     (float32, CPU)
-    Hessians                 K * f^2 * 4 + f^2 * h                               (one router's clusters,
+    Hessian                  f^2 * 4 + f^2 * h                                   (one cluster's at a time,
                                                                                   h: accumulator bytes)
 
 T calibration tokens, d model width, f FFN width, b bytes per weight. The cache (hidden states and FFN
@@ -49,8 +49,8 @@ class CacheBudget:
         live = sum(m.experts.numel() * m.experts.element_size() for m in modules if m.experts is not None)
         self.layer_experts_bytes = max(self.layer_experts_bytes, live)
 
-    def record(self, k: int, accumulator_bytes: int = 8) -> dict:
+    def record(self, accumulator_bytes: int = 8) -> dict:
         f = self.hessian_width
         return {"layer_experts_bytes": self.layer_experts_bytes, "hidden_bytes": self.hidden_bytes,
-                "layer_inputs_bytes": self.inputs_bytes, "hessian_bytes": k * f * f * 4 + f * f * accumulator_bytes,
+                "layer_inputs_bytes": self.inputs_bytes, "hessian_bytes": f * f * 4 + f * f * accumulator_bytes,
                 "max_memory": self.max_memory, "cache_mapped": self.mapped}

@@ -9,8 +9,8 @@ stored hidden states (the outputs of the already-expanded layers 0..l-1):
   1. dense pass: run layer l, recording the input x of its first FFN linear(s) and the input a of its
      down linear (computed with the dense gate/up of this layer);
   2. routers "in" (on x) and "down" (on a): PCA + k-means (skipped for K = 1);
-  3. per cluster k: H_k = 2/n_k X_k^T X_k (float64 accumulation) and SparseGPT on a copy of each dense
-     weight routed by that router;
+  3. per cluster k, one at a time: H_k = 2/n_k X_k^T X_k (float64 accumulation) and SparseGPT on a copy
+     of each dense weight routed by that router (one cluster's Hessian held, not K);
   4. the layer file is written (atomically; a killed run resumes after the last finished layer);
   5. output pass: the layer runs with its experts installed; its outputs are the next layer's inputs.
 A self-check first compares the layer-by-layer run with the model's own hidden states on one window,
@@ -151,11 +151,10 @@ def hessian_dtype_for(device: torch.device) -> torch.dtype:
     return torch.float64 if device.type == "cpu" else torch.float32
 
 
-def cluster_hessians(x: Tensor, labels: Tensor, k: int, device: torch.device,
-                     dtype: torch.dtype = torch.float64) -> list[tuple[Tensor, int]]:
-    """[(H_k = 2/n_k X_k^T X_k as float32 (d_in, d_in), n_k)] per cluster, accumulated in `dtype` on
-    `device`, HESSIAN_CHUNK_ROWS rows at a time (one cluster's accumulator at a time)."""
-    out = []
+def iter_cluster_hessians(x: Tensor, labels: Tensor, k: int, device: torch.device,
+                          dtype: torch.dtype = torch.float64) -> Iterator[tuple[Tensor, int]]:
+    """(H_c = 2/n_c X_c^T X_c as float32 (d_in, d_in), n_c) for c = 0..k-1, one at a time, accumulated in
+    `dtype` on `device`, HESSIAN_CHUNK_ROWS rows at a time: the caller holds one cluster's Hessian."""
     for c in range(k):
         idx = (labels == c).nonzero().flatten() if k > 1 else None
         n = x.shape[0] if idx is None else idx.numel()
@@ -164,8 +163,16 @@ def cluster_hessians(x: Tensor, labels: Tensor, k: int, device: torch.device,
             rows = x[i:i + HESSIAN_CHUNK_ROWS] if idx is None else x.index_select(0, idx[i:i + HESSIAN_CHUNK_ROWS])
             rows = rows.to(device, dtype)
             h += rows.T @ rows
-        out.append(((h * (2.0 / n)).float() if n else h.float(), n))
-    return out
+        hessian = (h * (2.0 / n)).float() if n else h.float()
+        del h  # the accumulator is not held while the caller prunes
+        yield hessian, n
+        del hessian
+
+
+def cluster_hessians(x: Tensor, labels: Tensor, k: int, device: torch.device,
+                     dtype: torch.dtype = torch.float64) -> list[tuple[Tensor, int]]:
+    """All of `iter_cluster_hessians` at once: [(H_c, n_c)] (k Hessians held)."""
+    return list(iter_cluster_hessians(x, labels, k, device, dtype))
 
 
 @contextlib.contextmanager
@@ -198,24 +205,28 @@ def _prune_all(w: Tensor, hessians: list[tuple[Tensor, int]], settings: ExpertsS
                where: str) -> tuple[Tensor, list[dict]]:
     wf = w.detach().float()
     experts = torch.empty((len(hessians), *w.shape), dtype=w.dtype, device=w.device)  # filled in place
-    stats = []
-    for c, (h, n) in enumerate(hessians):
-        if n == 0:  # cannot happen with k-means' empty-cluster repair unless points coincide
-            raise UserError(f"{where}: cluster {c} has no calibration tokens (too few distinct tokens for "
-                            f"{len(hessians)} clusters)")
-        try:
-            pruned, info = sparsegpt_prune(wf, h, settings.sparsity, settings.n_m, settings.block_size,
-                                           settings.percdamp, settings.bits, return_info=True)
-        except SparseGPTError as e:
-            raise SparseGPTError(f"{where}, expert {c}: {e}") from None
-        delta = wf - pruned
-        err = float(((delta @ h) * delta).sum())
-        base = float(((wf @ h) * wf).sum())
-        stats.append({"tokens": n, "damp": info["damp"], "rel_error": err / base if base > 0 else 0.0,
-                      "sparsity": float((pruned == 0).float().mean())})
-        experts[c].copy_(pruned)
-        del pruned, delta
+    stats = [prune_expert_into(experts[c], wf, h, n, settings, f"{where}, expert {c}", len(hessians))
+             for c, (h, n) in enumerate(hessians)]
     return experts, stats
+
+
+def prune_expert_into(out: Tensor, wf: Tensor, h: Tensor, n: int, settings: ExpertsSettings, where: str,
+                      clusters: int) -> dict:
+    """SparseGPT of the float32 weight `wf` for one cluster's Hessian `h` (n tokens), written into `out`
+    (d_out, d_in); returns the expert's stats. Call inside `sweep_threads`."""
+    if n == 0:  # cannot happen with k-means' empty-cluster repair unless points coincide
+        raise UserError(f"{where}: no calibration tokens (too few distinct tokens for {clusters} clusters)")
+    try:
+        pruned, info = sparsegpt_prune(wf, h, settings.sparsity, settings.n_m, settings.block_size,
+                                       settings.percdamp, settings.bits, return_info=True)
+    except SparseGPTError as e:
+        raise SparseGPTError(f"{where}: {e}") from None
+    delta = wf - pruned
+    err = float(((delta @ h) * delta).sum())
+    base = float(((wf @ h) * wf).sum())
+    out.copy_(pruned)
+    return {"tokens": n, "damp": info["damp"], "rel_error": err / base if base > 0 else 0.0,
+            "sparsity": float((pruned == 0).float().mean())}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -340,7 +351,7 @@ def calibrate_experts(model: nn.Module, windows: Tensor, settings: ExpertsSettin
         run = {"seconds": round(seconds, 3), **memory, "device": str(device), "resumed_from_layer": done,
                "torch": torch.__version__, "threads": {"sweeps": 1 if threads is None else threads,
                                                        "torch": torch.get_num_threads()},
-               "hessian_dtype": str(hdtype).replace("torch.", ""), "memory": budget.record(settings.num_clusters,
+               "hessian_dtype": str(hdtype).replace("torch.", ""), "memory": budget.record(
                                                                              torch.empty((), dtype=hdtype).element_size())}
         path = writer.finish(len(ffns), run)
     finally:
@@ -363,19 +374,26 @@ def _fit_layer(runner: LayerRunner, ffn: FFN, hidden: list[Tensor], tokens: int,
     x, a = _dense_pass(runner, ffn, hidden, tokens, mapped)
     routers, experts, stats = {}, {}, {"routers": {}, "experts": {}}
     layer_device = linear_weight(ffn.down).device
+    k = settings.num_clusters
     for rname, inp in (("in", x), ("down", a)):
         bar.set_postfix_str(f"router {rname}")
         router, labels, rstats = fit_router(inp, settings, layer_device, threads)
-        hessians = cluster_hessians(inp, labels, settings.num_clusters, layer_device, hdtype)
-        rstats["tokens_per_cluster"] = [n for _, n in hessians]
+        roles = [role for role in routed_roles(ffn) if ROUTER_OF[role] == rname]
+        weights = {role: linear_weight(getattr(ffn, role)) for role in roles}
+        dense = {role: w.detach().float() for role, w in weights.items()}
+        for role, w in weights.items():  # filled in place, cluster by cluster
+            experts[role] = torch.empty((k, *w.shape), dtype=w.dtype, device=w.device)
+            stats["experts"][role] = []
+        rstats["tokens_per_cluster"] = []
+        for c, (h, n) in enumerate(iter_cluster_hessians(inp, labels, k, layer_device, hdtype)):  # one at a time
+            rstats["tokens_per_cluster"].append(n)
+            for role, w in weights.items():
+                bar.set_postfix_str(f"sparsegpt {role} {c + 1}/{k}")  # one SparseGPT solve at a time
+                with sweep_threads(w.device, threads):
+                    stats["experts"][role].append(prune_expert_into(
+                        experts[role][c], dense[role], h, n, settings, f"layer {ffn.layer} {role}, expert {c}", k))
+            del h
         routers[rname], stats["routers"][rname] = router, rstats
-        for role in routed_roles(ffn):
-            if ROUTER_OF[role] != rname:
-                continue
-            bar.set_postfix_str(f"sparsegpt {role}")  # one SparseGPT solve at a time
-            experts[role], stats["experts"][role] = prune_experts(
-                linear_weight(getattr(ffn, role)), hessians, settings, f"layer {ffn.layer} {role}", threads)
-        del hessians
     return routers, experts, stats
 
 
