@@ -72,7 +72,8 @@ class SparseFFNLM(HFLM):
 
     # -- construction from lm_eval's command line ---------------------------------------------------
     @classmethod
-    def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict[str, Any] | None = None):
+    def create_from_arg_obj(cls, arg_dict: dict[str, Any],
+                            additional_config: dict[str, Any] | None = None) -> "SparseFFNLM":
         """As HFLM's, except that `device=` in --model_args wins over lm_eval's --device: lm-eval passes
         its --device default (cuda:0) even when it was not given, and HFLM then fails with a TypeError
         ("multiple values for keyword argument 'device'") for `--model_args ...,device=cpu`."""
@@ -82,7 +83,8 @@ class SparseFFNLM(HFLM):
         return cls(**arg_dict, **extra)
 
     @classmethod
-    def create_from_arg_string(cls, arg_string: str, additional_config: dict[str, Any] | None = None):
+    def create_from_arg_string(cls, arg_string: str,
+                               additional_config: dict[str, Any] | None = None) -> "SparseFFNLM":
         from lm_eval.utils import simple_parse_args_string
 
         return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
