@@ -62,3 +62,19 @@ def serving(args: list[str], *, ready_timeout: float = 120, env: dict | None = N
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@contextmanager
+def in_thread(app) -> Iterator[str]:  # noqa: ANN001
+    """Serve the WSGI `app` from a thread on a free loopback port until the block ends; yields the base URL."""
+    from sparse_ffn.model_adapters.wsgi_server import make_server, server_url
+
+    srv = make_server(app, "127.0.0.1", 0)
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+    thread.start()
+    try:
+        yield server_url(srv, "")
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(timeout=10)

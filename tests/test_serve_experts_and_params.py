@@ -4,13 +4,11 @@ answer shapes of `n` / `best_of`, and the combinations vLLM refuses (400, nothin
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 import transformers
 
-from serve_helpers import http, serving
+from serve_helpers import http, in_thread, serving
 from sparse_ffn.artifacts.data import token_windows
 from sparse_ffn.calibrate.experts import ExpertsSettings, calibrate_experts
 from tiny import CORPUS, make_tiny_model
@@ -63,18 +61,10 @@ def test_serve_experts_logprobs_and_usage_equal_the_lm_eval_adapter(expanded):
 @pytest.fixture(scope="module")
 def server(expanded):
     from sparse_ffn.model_adapters.ultraeval_server import create_app
-    from sparse_ffn.model_adapters.wsgi_server import make_server, server_url
 
     app = create_app(None, experts=str(expanded[1]), dtype="float32", device="cpu", max_batch=4)
-    srv = make_server(app, "127.0.0.1", 0)
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
-    thread.start()
-    try:
-        yield server_url(srv, ""), app
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        thread.join(timeout=10)
+    with in_thread(app) as base:
+        yield base, app
 
 
 def infer(base: str, prompts: list[str], **params):

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from conftest import BIN, subprocess_env
+from serve_helpers import in_thread
 from sparse_ffn.core.ffn import find_ffns, model_fingerprint
 from sparse_ffn.artifacts.thresholds import ThresholdFile
 
@@ -77,19 +78,11 @@ def thresholds_file(tiny_llama_dir, tmp_path_factory):
 def server(thresholds_file):
     """The real server in a thread on a free loopback port; the model comes from the thresholds file."""
     from sparse_ffn.model_adapters.ultraeval_server import create_app
-    from sparse_ffn.model_adapters.wsgi_server import make_server, server_url
 
     app = create_app(None, thresholds=str(thresholds_file), dtype="float32", device="cpu", max_batch=3,
                      max_body_bytes=MAX_BODY, overlong="refuse")  # the strict rule; truncation: test_ultraeval_client.py
-    srv = make_server(app, "127.0.0.1", 0)
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
-    thread.start()
-    try:
-        yield server_url(srv, ""), app
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        thread.join(timeout=10)
+    with in_thread(app) as base:
+        yield base, app
 
 
 @pytest.fixture(scope="module")
