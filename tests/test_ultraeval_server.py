@@ -206,6 +206,33 @@ def test_bad_requests_get_4xx_and_change_nothing(server):
     assert after["sparsity"]["tokens"] > before["sparsity"]["tokens"] and after["requests"] == before["requests"] + 1
 
 
+def test_counts_survive_requests_that_publish_out_of_order(server, monkeypatch):
+    """Two requests run one after the other (the model lock) but may publish their counter snapshots in
+    the other order; the later snapshot must win (a 16-thread load once lost a request's tokens so)."""
+    base, app = server
+    http(base + "/stats/reset", {})
+    publish, calls, second_done = app._publish, [], threading.Event()
+
+    def out_of_order(*args, **kw):
+        calls.append(1)
+        if len(calls) == 1:  # the first to finish computing publishes last
+            assert second_done.wait(timeout=30)
+            return publish(*args, **kw)
+        publish(*args, **kw)
+        second_done.set()
+
+    monkeypatch.setattr(app, "_publish", out_of_order)
+    prompts = [[PAIRS[0][0] + PAIRS[0][1]], [PAIRS[2][0] + PAIRS[2][1]]]
+    threads = [threading.Thread(target=logprobs, args=(base, p)) for p in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    stats = http(base + "/stats")[1]
+    assert len(calls) == 2 and stats["requests"] == 2
+    assert stats["sparsity"]["tokens"] == sum(len(app.tokenizer(p[0])["input_ids"]) - 1 for p in prompts)
+
+
 def test_concurrent_clients_get_the_sequential_answers_and_reset(server):
     base, _ = server
     prompts = [[c + x] for c, x in PAIRS[:4]]

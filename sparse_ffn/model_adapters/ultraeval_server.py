@@ -103,6 +103,7 @@ class UltraEvalApp:
         self.counts = {"requests": 0, "instances": 0, "truncated_instances": 0, "truncated_tokens": 0}
         self.store = StatsStore(stats_dir, self.handle.stats.d_ff)
         self._raw = self._read_raw()
+        self._raw_seq = self._published_seq = 0  # order of the counter snapshots (taken under the model lock)
 
     # -- stats ---------------------------------------------------------------------------------------
     def _read_raw(self) -> dict:
@@ -116,10 +117,12 @@ class UltraEvalApp:
                               "tokens": e_tokens}
         return raw
 
-    def _publish(self, raw: dict | None = None, **add: int) -> None:
+    def _publish(self, raw: dict | None = None, seq: int = 0, **add: int) -> None:
+        """Add `add` to the request counts and keep `raw` (the counters' snapshot number `seq`) unless a
+        later snapshot was kept already: two requests may publish in the other order than they ran."""
         with self.count_lock:
-            if raw is not None:
-                self._raw = raw
+            if raw is not None and seq > self._published_seq:
+                self._raw, self._published_seq = raw, seq
             for k, v in add.items():
                 self.counts[k] += v
             record = {"pid": os.getpid(), "started": self.started, **self.counts, **self._raw}
@@ -181,7 +184,9 @@ class UltraEvalApp:
                     counter.restore(state)  # a failed request leaves the counts as they were
                 raise
             raw = self._read_raw()
-        self._publish(raw, requests=1, instances=len(instances), truncated_instances=len(truncated),
+            self._raw_seq += 1
+            seq = self._raw_seq
+        self._publish(raw, seq, requests=1, instances=len(instances), truncated_instances=len(truncated),
                       truncated_tokens=sum(t["tokens"] - t["kept"] for t in truncated))
         headers = []
         if truncated:
