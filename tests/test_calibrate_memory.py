@@ -62,6 +62,12 @@ def test_calibration_peak_does_not_grow_with_layers(tmp_path, monkeypatch):
         m = json.loads((res.path / "manifest.json").read_text())
         assert m["run"]["memory"]["layer_experts_bytes"] == 3 * stack  # one layer's gate, up, down stacks
         assert m["run"]["memory"]["cache_mapped"] is False and m["run"]["hessian_dtype"] == "float64"
+        mem = m["run"]["memory"]
+        cache = mem["hidden_bytes"] + mem["layer_inputs_bytes"]
+        # the bound: the dense model's RSS (loaded and run once) + two layers' experts + the cache
+        assert mem["bound_bytes"] == mem["dense_rss_bytes"] + 2 * 3 * stack + cache
+        assert mem["peak_rss_bytes"] == m["run"]["peak_rss_bytes"] >= mem["dense_rss_bytes"] > 0
+        assert mem["peak_within_bound"] == (mem["peak_rss_bytes"] <= mem["bound_bytes"])
         peaks[layers] = peak
     # at most one layer's three stacks live at any layer run (none kept from earlier layers)
     assert peaks[2] == peaks[5] == 3 * stack

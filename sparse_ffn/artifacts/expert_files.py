@@ -97,8 +97,11 @@ def layer_file(layer: int) -> str:
     return f"layer_{layer:03d}.safetensors"
 
 
-def layer_bytes(layer: int, routers: dict[str, Router], experts: dict[str, Tensor]) -> tuple[bytes, dict]:
-    """The safetensors bytes of one layer file (deterministic) and its metadata dict."""
+def layer_bytes(layer: int, routers: dict[str, Router], experts: dict[str, Tensor], *,
+                consume: bool = False) -> tuple[bytes, dict]:
+    """The safetensors bytes of one layer file (deterministic) and its metadata dict. `consume`: pop each
+    role's (K, d_out, d_in) stack from `experts` once encoded, so that the dense stacks and their
+    encodings are not all held at once (calibration's peak memory)."""
     from safetensors.torch import save
 
     tensors: dict[str, Tensor] = {}
@@ -110,7 +113,8 @@ def layer_bytes(layer: int, routers: dict[str, Router], experts: dict[str, Tenso
             t = getattr(r, part)
             if t is not None:
                 tensors[f"router.{name}.{part}"] = t.detach().float().contiguous().cpu()
-    for role, w in experts.items():
+    for role in list(experts):
+        w = experts.pop(role) if consume else experts[role]
         encs = []
         for k in range(w.shape[0]):
             enc_tensors, enc = encode_weight(f"expert.{role}.{k}", w[k])
@@ -118,6 +122,7 @@ def layer_bytes(layer: int, routers: dict[str, Router], experts: dict[str, Tenso
             encs.append(enc)
         meta["experts"][role] = {"shape": list(w.shape), "dtype": str(w.dtype).replace("torch.", ""),
                                  "router": ROUTER_OF[role], "encoding": encs}
+        del w
     return save(tensors, metadata={"sparse_ffn": json.dumps(meta, sort_keys=True)}), meta
 
 

@@ -249,8 +249,10 @@ class ArtifactWriter:
     def layer_path(self, layer: int) -> Path:
         return self.partial / layer_file(layer)
 
-    def write_layer(self, layer: int, routers: dict[str, Router], experts: dict[str, Tensor], stats: dict) -> dict:
-        data, meta = layer_bytes(layer, routers, experts)
+    def write_layer(self, layer: int, routers: dict[str, Router], experts: dict[str, Tensor], stats: dict, *,
+                    consume: bool = False) -> dict:
+        """Write layer `layer`'s file (atomically) and its done-marker; `consume` as in `layer_bytes`."""
+        data, meta = layer_bytes(layer, routers, experts, consume=consume)
         atomic_write_bytes(self.partial / layer_file(layer), data)
         entry = {"layer": layer, "file": layer_file(layer), "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
                  "stats": stats}

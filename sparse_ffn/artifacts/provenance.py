@@ -4,6 +4,7 @@ which data (`data_record`)."""
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from datetime import datetime, timezone
@@ -68,6 +69,37 @@ def peak_memory(device: Any = None) -> dict:
 
         out["peak_cuda_bytes"] = int(torch.cuda.max_memory_allocated(device))
     return out
+
+
+def resident_bytes() -> int | None:
+    """The process's resident memory now (Linux /proc; None where not readable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def return_freed_memory() -> None:
+    """Hand memory freed by the program back to the OS (glibc's malloc_trim; a no-op elsewhere), so that a
+    resident-memory reading that follows measures what is live, not what the allocator keeps."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def reset_peak_rss() -> bool:
+    """Restart the process's peak-RSS count (ru_maxrss, VmHWM) from its resident memory now, so that
+    `peak_memory` then measures one phase; Linux only (/proc/self/clear_refs), False elsewhere."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def data_record(spec: str, sha256: str, windows: Any = None) -> dict:

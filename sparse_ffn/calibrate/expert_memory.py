@@ -8,7 +8,8 @@
 
 T calibration tokens, d model width, f FFN width, b bytes per weight. The cache (hidden states and FFN
 inputs) goes to memory-mapped files when it exceeds `max_memory`. The manifest records these terms and
-the largest number of expert bytes live at once (`observe`), under run.memory.
+the largest number of expert bytes live at once (`observe`), under run.memory, with the bound
+dense + 2 x one layer's experts + cache against the measured peak (`record`).
 """
 
 from __future__ import annotations
@@ -49,8 +50,23 @@ class CacheBudget:
         live = sum(m.experts.numel() * m.experts.element_size() for m in modules if m.experts is not None)
         self.layer_experts_bytes = max(self.layer_experts_bytes, live)
 
-    def record(self, accumulator_bytes: int = 8) -> dict:
+    def cache_bytes(self) -> int:
+        """The layer-input cache's share of the bound: its size in RAM, or the budget when it is mapped."""
+        size = self.hidden_bytes + self.inputs_bytes
+        return min(size, self.max_memory) if self.mapped and self.max_memory is not None else size
+
+    def record(self, accumulator_bytes: int = 8, dense_rss_bytes: int | None = None,
+               peak_rss_bytes: int | None = None) -> dict:
+        """The terms, and with `dense_rss_bytes` (the process's RSS with the dense model loaded and run
+        once) the bound: dense + two layers' experts (the layer's stacks and their encoding while it is
+        written) + the cache; `peak_rss_bytes` (measured over the calibration) is checked against it."""
         f = self.hessian_width
-        return {"layer_experts_bytes": self.layer_experts_bytes, "hidden_bytes": self.hidden_bytes,
-                "layer_inputs_bytes": self.inputs_bytes, "hessian_bytes": f * f * 4 + f * f * accumulator_bytes,
-                "max_memory": self.max_memory, "cache_mapped": self.mapped}
+        out = {"layer_experts_bytes": self.layer_experts_bytes, "hidden_bytes": self.hidden_bytes,
+               "layer_inputs_bytes": self.inputs_bytes, "hessian_bytes": f * f * 4 + f * f * accumulator_bytes,
+               "max_memory": self.max_memory, "cache_mapped": self.mapped}
+        if dense_rss_bytes:
+            bound = dense_rss_bytes + 2 * self.layer_experts_bytes + self.cache_bytes()
+            out.update(dense_rss_bytes=dense_rss_bytes, bound_bytes=bound)
+            if peak_rss_bytes:
+                out.update(peak_rss_bytes=peak_rss_bytes, peak_within_bound=peak_rss_bytes <= bound)
+        return out

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from sparse_ffn.artifacts.expert_files import STORAGE_DOC, load_layer_file
 from sparse_ffn.artifacts.experts import ArtifactWriter
-from sparse_ffn.artifacts.provenance import peak_memory
+from sparse_ffn.artifacts.provenance import peak_memory, reset_peak_rss, resident_bytes, return_freed_memory
 from sparse_ffn.core.experts import ROUTER_OF, ExpertLinear, ExpertsHandle, install_layer, routed_roles
 from sparse_ffn.core.ffn import (
     FFN,
@@ -312,6 +312,9 @@ def calibrate_experts(model: nn.Module, windows: Tensor, settings: ExpertsSettin
     was_training = model.training
     model.eval()
     runner.self_check(windows[:1].to(device))
+    return_freed_memory()  # the dense model is resident now (its forward touched every weight)
+    dense_rss = resident_bytes()
+    reset_peak_rss()  # the peak reported is this calibration's
     handle = ExpertsHandle(model, ffns, layers)
     hdtype = hessian_dtype or hessian_dtype_for(device)
     try:
@@ -333,16 +336,18 @@ def calibrate_experts(model: nn.Module, windows: Tensor, settings: ExpertsSettin
                 routers, experts, stats = _fit_layer(runner, ffn, hidden.batches, tokens, settings, threads, hdtype,
                                                      budget.mapped, bar)
                 stats["seconds"] = round(time.time() - tl, 3)
-                layer_entries.append(writer.write_layer(l, routers, experts, stats))
                 where = f"layer {l}"
             # only this layer's experts are installed: earlier layers live in the artifact, their outputs in `hidden`
             install_layer(handle, ffn, routers, experts, where=where)
-            del experts
             budget.observe(m for m in model.modules() if isinstance(m, ExpertLinear))
             bar.set_postfix_str("output pass")
             for h in hidden.batches:
                 h.copy_(runner.run(l, h.to(device)))
             handle.uninstall(ffn)
+            if l >= done:  # written after the output pass, so that encoding frees each dense stack as it goes
+                bar.set_postfix_str("write")
+                layer_entries.append(writer.write_layer(l, routers, experts, stats, consume=True))
+            del experts
             bar.update(1)
         bar.close()
         memory = peak_memory(device)
@@ -352,7 +357,7 @@ def calibrate_experts(model: nn.Module, windows: Tensor, settings: ExpertsSettin
                "torch": torch.__version__, "threads": {"sweeps": 1 if threads is None else threads,
                                                        "torch": torch.get_num_threads()},
                "hessian_dtype": str(hdtype).replace("torch.", ""), "memory": budget.record(
-                                                                             torch.empty((), dtype=hdtype).element_size())}
+                   torch.empty((), dtype=hdtype).element_size(), dense_rss if device.type == "cpu" else None, peak)}
         path = writer.finish(len(ffns), run)
     finally:
         handle.remove()
@@ -371,13 +376,17 @@ def _fit_layer(runner: LayerRunner, ffn: FFN, hidden: list[Tensor], tokens: int,
                ) -> tuple[dict[str, Router], dict[str, Tensor], dict]:
     """Steps 1-3 of the module docstring for one layer: (routers, experts by role, stats)."""
     bar.set_postfix_str("dense pass")
-    x, a = _dense_pass(runner, ffn, hidden, tokens, mapped)
+    inputs = dict(zip(("in", "down"), _dense_pass(runner, ffn, hidden, tokens, mapped)))
     routers, experts, stats = {}, {}, {"routers": {}, "experts": {}}
     layer_device = linear_weight(ffn.down).device
     k = settings.num_clusters
-    for rname, inp in (("in", x), ("down", a)):
+    fitted = {}
+    for rname, inp in inputs.items():  # both routers first: the PCA's float64 copy never sits next to experts
         bar.set_postfix_str(f"router {rname}")
-        router, labels, rstats = fit_router(inp, settings, layer_device, threads)
+        fitted[rname] = fit_router(inp, settings, layer_device, threads)
+    for rname in ("in", "down"):
+        inp = inputs.pop(rname)  # each layer input is freed once its experts are pruned
+        router, labels, rstats = fitted.pop(rname)
         roles = [role for role in routed_roles(ffn) if ROUTER_OF[role] == rname]
         weights = {role: linear_weight(getattr(ffn, role)) for role in roles}
         dense = {role: w.detach().float() for role, w in weights.items()}
@@ -393,6 +402,7 @@ def _fit_layer(runner: LayerRunner, ffn: FFN, hidden: list[Tensor], tokens: int,
                     stats["experts"][role].append(prune_expert_into(
                         experts[role][c], dense[role], h, n, settings, f"layer {ffn.layer} {role}, expert {c}", k))
             del h
+        del inp
         routers[rname], stats["routers"][rname] = router, rstats
     return routers, experts, stats
 

@@ -54,8 +54,10 @@ def fit_pca(x: Tensor, reduction: int | None, device: torch.device | str | None 
     r = max(1, d // int(reduction))
     cov = torch.zeros(d, d, dtype=torch.float64, device=device)
     for c in row_chunks(x, GRAM_CHUNK_ROWS):
-        c = c.to(device, torch.float64) - mean64
-        cov += c.T @ c
+        c64 = c.to(device, torch.float64)
+        c64 = c64.sub_(mean64) if c64.data_ptr() != c.data_ptr() else c64 - mean64  # in place unless a view of x
+        cov += c64.T @ c64
+        del c64
     cov /= max(n - 1, 1)
     evals, evecs = torch.linalg.eigh(cov)  # ascending
     evals, evecs = evals.flip(0), evecs.flip(1)
