@@ -17,7 +17,7 @@ from sparse_ffn.cli import main
 from sparse_ffn.errors import UserError
 from sparse_ffn.core.experts import ExpertLinear
 from sparse_ffn.artifacts.experts import apply_experts_, read_manifest
-from sparse_ffn.artifacts.expert_files import decode_weight, encode_weight
+from sparse_ffn.artifacts.expert_files import decode_weight, decode_weight_into, encode_weight
 from sparse_ffn.core.ffn import find_ffns
 from tiny import ARCHS, CORPUS, make_tiny_model
 
@@ -178,6 +178,21 @@ def test_weight_encodings_round_trip_and_pick_the_smallest():
         tensors, got = encode_weight("e", w)
         assert got == enc
         assert torch.equal(decode_weight(tensors, "e", tuple(w.shape), got), w)
+
+
+def test_decode_into_place_equals_the_plain_decode_and_checks_the_bit_count():
+    g = torch.Generator().manual_seed(1)
+    for shape, dtype in (((7, 13), torch.float32), ((33, 5), torch.bfloat16)):  # sizes not a multiple of 8
+        w = (torch.randn(shape, generator=g) * (torch.rand(shape, generator=g) < 0.6)).to(dtype)
+        w[0, 0], w[-1, -1] = 1.5, 0.0  # first entry kept, last one pruned
+        tensors, enc = encode_weight("e", w)
+        assert enc == "bitmask"
+        out = torch.full(shape, float("nan"), dtype=dtype)  # whatever was there before is overwritten
+        assert torch.equal(decode_weight_into(out, tensors, "e", enc), decode_weight(tensors, "e", shape, enc))
+        assert torch.equal(out, w)
+        tensors["e.values"] = tensors["e.values"][:-1]  # one value short of the bits set
+        with pytest.raises(RuntimeError, match="bits set"):
+            decode_weight_into(out, tensors, "e", enc)
 
 
 # ------------------------------------------------------------------------------------------------
