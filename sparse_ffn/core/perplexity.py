@@ -12,6 +12,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from sparse_ffn.core.lm_head import HeadInChunks
+
 
 def model_device(model: nn.Module) -> torch.device:
     """Where the model's inputs go: its input embeddings' device (first parameter otherwise); for
@@ -39,7 +41,9 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, *, 
     model's device, without gradients; batch composition does not change which tokens count.
     per_window=True adds "window_nll": each window's summed NLL (floats), e.g. for sub-set ratios.
     logits: `logits(i, ids)` gives the (batch, seq, vocab) logits of the i-th batch instead of a forward
-    (e.g. a layer-streamed evaluation, `model_adapters.streaming`).
+    (e.g. a layer-streamed evaluation, `model_adapters.streaming`; it must run the model's own head, which
+    `HeadInChunks` may defer). Token NLLs come from `lm_head.HeadInChunks` (the head a few positions at a
+    time where the model's logits are its head's output unchanged; the full logits otherwise).
     """
     if windows.dim() != 2 or windows.shape[1] < 2 or windows.shape[0] < 1:
         raise ValueError(f"windows must be (n_windows >= 1, seq_len >= 2), got {tuple(windows.shape)}")
@@ -51,14 +55,12 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, *, 
 
         starts = tqdm(starts, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
     sums = []
-    with torch.inference_mode():
+    with torch.inference_mode(), HeadInChunks(model) as head:  # the head a few positions at a time (lm_head.py)
         for n, i in enumerate(starts):
             ids = windows[i: i + batch_size].to(device)
             out = model(input_ids=ids, use_cache=False).logits if logits is None else logits(n, ids)
-            for row in range(ids.shape[0]):  # row by row: no copy of the whole (batch, seq, vocab) logits
-                nll = nn.functional.cross_entropy(out[row, :-1].float(), ids[row, 1:], reduction="none")
-                sums.append(nll.double().sum().reshape(1))
-            del out, nll
+            sums.append(head.token_nll(out, ids.to(out.device)).double().sum(dim=1))
+            del out
     window_nll = torch.cat(sums).cpu()
     tokens = windows.shape[0] * (windows.shape[1] - 1)
     mean = float(window_nll.sum()) / tokens
