@@ -13,6 +13,9 @@ from sparse_ffn.errors import UserError
 from sparse_ffn.calibrate.calibrator import Calibrator, Eval
 
 C_TOL = 1e-3  # the reference's tolerance on c in the outer bisection
+# the least step beyond the known end of a one-sided bracket, by the number of probes there (1: the root)
+ONE_SIDED_GROWTH = (1.0, 1.0, 1.05, 1.15, 1.4)
+RESOLVED = 1 + 1e-9  # midpoints halve a bracket to c_tol only up to float rounding (1.0000000000000009e-3)
 
 
 def check_target(target_ppl_ratio: float | None, cett: float | None) -> None:
@@ -72,28 +75,35 @@ class Bracket:
     def propose(self, aim: float, c_tol: float, beta_prior: float | None, c0: float, n0: int = 1) -> float:
         """The model's root, safeguarded.
 
-        While no infeasible c is known, the root itself, but above the best feasible c (by c_tol / 2,
-        then by 5%, then doubling it). Once the bracket [lo, hi] exists, the root is projected as
-        in the ITP method (Oliveira & Takahashi 2020) onto a neighbourhood of the bracket's midpoint
-        that shrinks with each step, so that the bracket reaches c_tol in at most
-        ceil(log2((hi - lo) / c_tol)) + n0 steps (bisection's count + n0), however bad the model."""
+        While one end of the bracket is missing (no infeasible c yet, or no feasible c > 0 yet), the
+        root itself the first time, then at least a growing step beyond the known end (x1.05, x1.15,
+        x1.4, then x2; the same factors downwards): on a ratio curve as rough as a few thousand tokens
+        give (SmolLM2, 2048 tokens: +-0.005 around PPL-5%), the root keeps landing on the known side
+        and a small, sure bracket is what saves passes. Once the bracket [lo, hi] exists, the root is
+        projected as in the ITP method (Oliveira & Takahashi 2020) onto a neighbourhood of the
+        bracket's midpoint that shrinks with each step, the step budget counted afresh whenever the
+        bracket itself allows fewer: the bracket reaches c_tol in at most
+        ceil(log2((hi - lo) / c_tol)) + n0 steps (bisection's count + n0) from any bracket it had."""
         lo, hi = self.lo, self.hi
         c = self.model_root(aim, beta_prior, c0)
-        if hi is None:
-            self._expansions = getattr(self, "_expansions", 0) + (lo > 0)
-            floor = lo * (1.0, 1.0, 1.05)[self._expansions] if self._expansions <= 2 else 2 * lo
-            floor += c_tol / 2
-            return min(1.0, max(c, floor))
-        if getattr(self, "_itp", None) is None:
-            self._itp = [0, math.ceil(math.log2(max((hi - lo) / c_tol, 1.0))) + n0]  # [step j, n_max]
-        j, n_max = self._itp
-        self._itp[0] += 1
+        if hi is None or lo == 0.0:
+            known = lo if hi is None else hi
+            self._one_sided = getattr(self, "_one_sided", 0) + (known > 0)
+            k = self._one_sided
+            grow = ONE_SIDED_GROWTH[k] if k < len(ONE_SIDED_GROWTH) else 2.0
+            if hi is None:
+                return min(1.0, max(c, lo * grow + c_tol / 2))
+            c = min(c, hi / grow - min(0.02 * hi, c_tol / 4))
+            return max(c, min(c_tol, hi / 2))  # below c_tol the search cannot tell c from 0 anyway
+        steps = math.ceil(math.log2(max((hi - lo) / c_tol, 1.0))) + n0  # bisection's count from here, + n0
+        if getattr(self, "_itp", None) is None or steps < self._itp:
+            self._itp = steps
+        n_left = self._itp
+        self._itp -= 1
         margin = min(0.02 * (hi - lo), c_tol / 4)
         c = min(hi - margin, max(lo + margin, c))
-        if lo == 0:
-            c = max(c, min(c_tol, hi / 2))  # below c_tol the search cannot tell c from 0 anyway
         half = (lo + hi) / 2
-        radius = (c_tol / 2) * 2 ** (n_max - j) - (hi - lo) / 2
+        radius = (c_tol / 2) * 2 ** n_left - (hi - lo) / 2
         if abs(c - half) > radius:
             c = half + math.copysign(max(radius, 0.0), c - half)
         return c
@@ -121,7 +131,7 @@ def search_c(cal: Calibrator, target: float, *, c_tol: float, ratio_tol: float, 
             steer.add(c, cal.evaluate(c, windows=steer_windows).ratio)
             lo, hi = steer.lo, steer.hi
             if (lo > 0 and steer.points[lo] >= target - 2 * ratio_tol) or lo >= 1.0 or \
-                    (hi is not None and hi - lo <= c_tol):
+                    (hi is not None and hi - lo <= c_tol * RESOLVED):
                 break
         if sum(1 for c, r in steer.points.items() if c > 0 and r > 1) >= 2:
             beta_prior = steer_beta(steer, aim)
@@ -136,7 +146,7 @@ def search_c(cal: Calibrator, target: float, *, c_tol: float, ratio_tol: float, 
         lo, hi = full.lo, full.hi
         if lo > 0 and full.points[lo] >= target - ratio_tol:
             break
-        if (hi is not None and hi - lo <= c_tol) or lo >= 1.0 or (hi is None and 1.0 - lo <= c_tol):
+        if (hi is not None and hi - lo <= c_tol * RESOLVED) or lo >= 1.0 or (hi is None and 1.0 - lo <= c_tol):
             break
     lo, hi = full.lo, full.hi
     if lo == 0.0:
