@@ -41,7 +41,8 @@ def test_perplexity_equals_the_full_logits_and_leaves_the_model_as_it_was(arch, 
 
 def test_a_model_that_changes_its_logits_after_the_head_is_never_deferred(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(make_tiny_model("llama", tmp_path)).eval()
-    plain = full_logits_window_nll(model, torch.randint(4, 300, (3, 17), generator=torch.Generator().manual_seed(1)))
+    windows = torch.randint(4, 300, (3, 17), generator=torch.Generator().manual_seed(1))
+    plain = full_logits_window_nll(model, windows)
     forward = type(model).forward
 
     def scaled(self, *args, **kwargs):  # a Cohere-style logit scale
@@ -50,7 +51,6 @@ def test_a_model_that_changes_its_logits_after_the_head_is_never_deferred(tmp_pa
         return out
 
     model.forward = scaled.__get__(model)
-    windows = torch.randint(4, 300, (3, 17), generator=torch.Generator().manual_seed(1))
     for _ in range(2):
         got = torch.tensor(perplexity(model, windows, batch_size=2, per_window=True)["window_nll"], dtype=torch.float64)
         assert torch.equal(got, full_logits_window_nll(model, windows))

@@ -4,12 +4,13 @@ which data (`data_record`)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from sparse_ffn import __version__
 from sparse_ffn.errors import UserError
@@ -89,6 +90,33 @@ def return_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+# glibc mallopt parameter M_MMAP_THRESHOLD, and glibc's ceiling for its dynamic threshold on 64-bit (32 MiB)
+_M_MMAP_THRESHOLD = -3
+_DYNAMIC_THRESHOLD_CEILING = 32 << 20
+
+
+@contextlib.contextmanager
+def large_blocks_mapped(threshold_bytes: int = 1 << 20) -> Iterator[bool]:
+    """Within the block, an allocation of at least `threshold_bytes` that glibc's heap has no free room
+    for gets a mapping of its own (returned to the OS when freed) instead of growing the heap. Long
+    layer-by-layer runs otherwise grow and fragment the heap (blocks of changing sizes freed around live
+    ones), and the peak RSS grows with the number of layers.
+    The setting is process-wide; on exit the threshold becomes glibc's dynamic ceiling (32 MiB), which
+    the default converges to on tensor workloads. Yields False (and does nothing) without glibc."""
+    try:
+        import ctypes
+
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        yield False
+        return
+    mallopt(_M_MMAP_THRESHOLD, int(threshold_bytes))
+    try:
+        yield True
+    finally:
+        mallopt(_M_MMAP_THRESHOLD, _DYNAMIC_THRESHOLD_CEILING)
 
 
 def reset_peak_rss() -> bool:

@@ -31,7 +31,8 @@ from torch import Tensor, nn
 
 from sparse_ffn.artifacts.expert_files import STORAGE_DOC, load_layer_file
 from sparse_ffn.artifacts.experts import ArtifactWriter
-from sparse_ffn.artifacts.provenance import peak_memory, reset_peak_rss, resident_bytes, return_freed_memory
+from sparse_ffn.artifacts.provenance import (large_blocks_mapped, peak_memory, reset_peak_rss, resident_bytes,
+                                             return_freed_memory)
 from sparse_ffn.core.experts import ROUTER_OF, ExpertLinear, ExpertsHandle, install_layer, routed_roles
 from sparse_ffn.core.ffn import (
     FFN,
@@ -163,8 +164,9 @@ def iter_cluster_hessians(x: Tensor, labels: Tensor, k: int, device: torch.devic
             rows = x[i:i + HESSIAN_CHUNK_ROWS] if idx is None else x.index_select(0, idx[i:i + HESSIAN_CHUNK_ROWS])
             rows = rows.to(device, dtype)
             h += rows.T @ rows
+            del rows  # a suspended generator keeps its locals: the last chunk (up to 8192 x d_in x 8 B) too
         hessian = (h * (2.0 / n)).float() if n else h.float()
-        del h  # the accumulator is not held while the caller prunes
+        del h, idx  # the accumulator is not held while the caller prunes
         yield hessian, n
         del hessian
 
@@ -315,53 +317,55 @@ def calibrate_experts(model: nn.Module, windows: Tensor, settings: ExpertsSettin
     return_freed_memory()  # the dense model is resident now (its forward touched every weight)
     dense_rss = resident_bytes()
     reset_peak_rss()  # the peak reported is this calibration's
-    handle = ExpertsHandle(model, ffns, layers)
-    hdtype = hessian_dtype or hessian_dtype_for(device)
-    try:
-        budget = CacheBudget.plan(ffns, windows.shape, batch_size, dtype, max_memory)
-        hidden = HiddenStates([tuple(windows[i:i + batch_size].shape) for i in range(0, n_windows, batch_size)],
-                              budget.width, dtype, None if not budget.mapped else 0)
-        for j, i in enumerate(range(0, n_windows, batch_size)):
-            hidden.batches[j].copy_(runner.capture(windows[i:i + batch_size].to(device)))
-        done = writer.start()
-        bar = _progress(len(ffns), progress, done)
-        layer_entries = []
-        for ffn in ffns:
-            l = ffn.layer
-            if l < done:  # resume: rebuild the finished layer from its file
-                routers, experts, _ = load_layer_file(writer.layer_path(l))
-                where = str(writer.layer_path(l))
-            else:
-                tl = time.time()
-                routers, experts, stats = _fit_layer(runner, ffn, hidden.batches, tokens, settings, threads, hdtype,
-                                                     budget.mapped, bar)
-                stats["seconds"] = round(time.time() - tl, 3)
-                where = f"layer {l}"
-            # only this layer's experts are installed: earlier layers live in the artifact, their outputs in `hidden`
-            install_layer(handle, ffn, routers, experts, where=where)
-            budget.observe(m for m in model.modules() if isinstance(m, ExpertLinear))
-            bar.set_postfix_str("output pass")
-            for h in hidden.batches:
-                h.copy_(runner.run(l, h.to(device)))
-            handle.uninstall(ffn)
-            if l >= done:  # written after the output pass, so that encoding frees each dense stack as it goes
-                bar.set_postfix_str("write")
-                layer_entries.append(writer.write_layer(l, routers, experts, stats, consume=True))
-            del experts
-            bar.update(1)
-        bar.close()
-        memory = peak_memory(device)
-        peak = memory.get("peak_rss_bytes", 0)
-        seconds = time.time() - t0
-        run = {"seconds": round(seconds, 3), **memory, "device": str(device), "resumed_from_layer": done,
-               "torch": torch.__version__, "threads": {"sweeps": 1 if threads is None else threads,
-                                                       "torch": torch.get_num_threads()},
-               "hessian_dtype": str(hdtype).replace("torch.", ""), "memory": budget.record(
-                   torch.empty((), dtype=hdtype).element_size(), dense_rss if device.type == "cpu" else None, peak)}
-        path = writer.finish(len(ffns), run)
-    finally:
-        handle.remove()
-        model.train(was_training)
+    # freed layer-sized blocks go straight back to the OS: without this the peak grows layer by layer
+    with large_blocks_mapped():
+        handle = ExpertsHandle(model, ffns, layers)
+        hdtype = hessian_dtype or hessian_dtype_for(device)
+        try:
+            budget = CacheBudget.plan(ffns, windows.shape, batch_size, dtype, max_memory)
+            hidden = HiddenStates([tuple(windows[i:i + batch_size].shape) for i in range(0, n_windows, batch_size)],
+                                  budget.width, dtype, None if not budget.mapped else 0)
+            for j, i in enumerate(range(0, n_windows, batch_size)):
+                hidden.batches[j].copy_(runner.capture(windows[i:i + batch_size].to(device)))
+            done = writer.start()
+            bar = _progress(len(ffns), progress, done)
+            layer_entries = []
+            for ffn in ffns:
+                l = ffn.layer
+                if l < done:  # resume: rebuild the finished layer from its file
+                    routers, experts, _ = load_layer_file(writer.layer_path(l))
+                    where = str(writer.layer_path(l))
+                else:
+                    tl = time.time()
+                    routers, experts, stats = _fit_layer(runner, ffn, hidden.batches, tokens, settings, threads, hdtype,
+                                                         budget.mapped, bar)
+                    stats["seconds"] = round(time.time() - tl, 3)
+                    where = f"layer {l}"
+                # only this layer's experts are installed: earlier layers are in the artifact, their outputs in `hidden`
+                install_layer(handle, ffn, routers, experts, where=where)
+                budget.observe(m for m in model.modules() if isinstance(m, ExpertLinear))
+                bar.set_postfix_str("output pass")
+                for h in hidden.batches:
+                    h.copy_(runner.run(l, h.to(device)))
+                handle.uninstall(ffn)
+                if l >= done:  # written after the output pass, so that encoding frees each dense stack as it goes
+                    bar.set_postfix_str("write")
+                    layer_entries.append(writer.write_layer(l, routers, experts, stats, consume=True))
+                del experts
+                bar.update(1)
+            bar.close()
+            memory = peak_memory(device)
+            peak = memory.get("peak_rss_bytes", 0)
+            seconds = time.time() - t0
+            run = {"seconds": round(seconds, 3), **memory, "device": str(device), "resumed_from_layer": done,
+                   "torch": torch.__version__, "threads": {"sweeps": 1 if threads is None else threads,
+                                                           "torch": torch.get_num_threads()},
+                   "hessian_dtype": str(hdtype).replace("torch.", ""), "memory": budget.record(
+                       torch.empty((), dtype=hdtype).element_size(), dense_rss if device.type == "cpu" else None, peak)}
+            path = writer.finish(len(ffns), run)
+        finally:
+            handle.remove()
+            model.train(was_training)
     kept = None
     if keep_applied:
         from sparse_ffn.artifacts.experts import apply_experts_
