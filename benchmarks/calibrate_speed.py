@@ -58,6 +58,7 @@ def main() -> None:
 
     from sparse_ffn.calibrate.layer_search import LayerSearch
     from sparse_ffn.calibrate.thresholds import calibrate_thresholds
+    from sparse_ffn.artifacts.provenance import freed_blocks_kept
     from sparse_ffn.calibrate.reference import reference_calibrate
     from sparse_ffn.artifacts.data import load_text, token_windows
     from sparse_ffn.core.ffn import find_ffns
@@ -93,12 +94,13 @@ def compare(args, model, windows, ffns, sha, threads, agreement: bool) -> dict:
     import torch
     from sparse_ffn.calibrate.layer_search import LayerSearch
     from sparse_ffn.calibrate.thresholds import calibrate_thresholds
+    from sparse_ffn.artifacts.provenance import freed_blocks_kept
     from sparse_ffn.calibrate.reference import reference_calibrate
 
     torch.set_num_threads(threads)
     print(f"== threads {torch.get_num_threads()} ==", flush=True)
-    with torch.inference_mode():  # warm-up: neither method pays the process's first-forward costs
-        model(input_ids=windows[:1], use_cache=False)
+    with torch.inference_mode():  # warm-up at the passes' batch shape: neither pays the first-forward costs
+        model(input_ids=windows[:args.batch_size], use_cache=False)
 
     def log(prefix: str, t0: float):
         return lambda msg: print(f"  [{prefix} {time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
@@ -133,8 +135,9 @@ def compare(args, model, windows, ffns, sha, threads, agreement: bool) -> dict:
         ref_windows = windows[: max(1, args.ref_tokens // args.seq_len)]
         print(f"NOTE: reference on a subset: {ref_windows.numel()} of {windows.numel()} tokens", flush=True)
     t0, c0 = time.perf_counter(), time.process_time()
-    ref = reference_calibrate(model, ref_windows, args.target, batch_size=args.batch_size, log=log("ref", t0),
-                              keep_activations=True)
+    with freed_blocks_kept():  # the allocator setting `calibrate_thresholds` runs under, for the same passes
+        ref = reference_calibrate(model, ref_windows, args.target, batch_size=args.batch_size, log=log("ref", t0),
+                                  keep_activations=True)
     ref_s, ref_cpu = time.perf_counter() - t0, time.process_time() - c0
     print(f"reference: c={ref['cett']:.5f} ppl_ratio={ref['ppl_ratio']:.5f} sparsity={ref['sparsity']['mean']:.4f} "
           f"in {ref_s:.1f} s wall ({ref_cpu:.1f} s CPU): {ref['steps']} sparse passes; "

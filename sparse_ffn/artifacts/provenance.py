@@ -92,19 +92,19 @@ def return_freed_memory() -> None:
         pass
 
 
-# glibc mallopt parameter M_MMAP_THRESHOLD, and glibc's ceiling for its dynamic threshold on 64-bit (32 MiB)
-_M_MMAP_THRESHOLD = -3
-_DYNAMIC_THRESHOLD_CEILING = 32 << 20
+# glibc mallopt parameters, and the values its dynamic thresholds reach on 64-bit (mmap 32 MiB, trim 2x that)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_DYNAMIC_MMAP_CEILING = 32 << 20
 
 
 @contextlib.contextmanager
-def large_blocks_mapped(threshold_bytes: int = 1 << 20) -> Iterator[bool]:
-    """Within the block, an allocation of at least `threshold_bytes` that glibc's heap has no free room
-    for gets a mapping of its own (returned to the OS when freed) instead of growing the heap. Long
-    layer-by-layer runs otherwise grow and fragment the heap (blocks of changing sizes freed around live
-    ones), and the peak RSS grows with the number of layers.
-    The setting is process-wide; on exit the threshold becomes glibc's dynamic ceiling (32 MiB), which
-    the default converges to on tensor workloads. Yields False (and does nothing) without glibc."""
+def malloc_thresholds(mmap_bytes: int, trim_bytes: int | None = None) -> Iterator[bool]:
+    """glibc's malloc thresholds within the block (process-wide): an allocation of at least `mmap_bytes`
+    that the heap has no free room for gets a mapping of its own (returned to the OS when freed); with
+    `trim_bytes`, free memory at the heap's top is kept up to that size instead of being returned.
+    On exit the thresholds are those glibc's dynamic ones settle at on tensor workloads (mmap 32 MiB,
+    trim 64 MiB) and, if `trim_bytes` was given, the kept memory is returned. Yields False (and does
+    nothing) without glibc."""
     try:
         import ctypes
 
@@ -112,11 +112,31 @@ def large_blocks_mapped(threshold_bytes: int = 1 << 20) -> Iterator[bool]:
     except (OSError, AttributeError):
         yield False
         return
-    mallopt(_M_MMAP_THRESHOLD, int(threshold_bytes))
+    mallopt(_M_MMAP_THRESHOLD, int(mmap_bytes))
+    if trim_bytes is not None:
+        mallopt(_M_TRIM_THRESHOLD, int(trim_bytes))
     try:
         yield True
     finally:
-        mallopt(_M_MMAP_THRESHOLD, _DYNAMIC_THRESHOLD_CEILING)
+        mallopt(_M_MMAP_THRESHOLD, _DYNAMIC_MMAP_CEILING)
+        mallopt(_M_TRIM_THRESHOLD, 2 * _DYNAMIC_MMAP_CEILING)
+        if trim_bytes is not None:
+            return_freed_memory()
+
+
+def large_blocks_mapped(threshold_bytes: int = 1 << 20) -> contextlib.AbstractContextManager[bool]:
+    """Long layer-by-layer runs (experts calibration) grow and fragment the heap: blocks of changing
+    sizes freed around live ones leave holes, and the peak RSS grows with the number of layers. Within
+    this block every large block the heap has no room for is mapped on its own (`malloc_thresholds`)."""
+    return malloc_thresholds(threshold_bytes)
+
+
+def freed_blocks_kept(trim_bytes: int = 1 << 30, mmap_bytes: int = 64 << 20) -> contextlib.AbstractContextManager[bool]:
+    """Repeated forward passes (threshold calibration) allocate and free the same tensor sizes over and
+    over; by default glibc hands the heap's freed top back after each and page-faults it in again
+    (SmolLM2, 4 x 1024 tokens: 550k faults a batch). Within this block blocks below 64 MiB come from
+    the heap and up to `trim_bytes` of freed memory is kept for the next pass (`malloc_thresholds`)."""
+    return malloc_thresholds(mmap_bytes, trim_bytes)
 
 
 def reset_peak_rss() -> bool:
