@@ -58,7 +58,6 @@ def main() -> None:
 
     from sparse_ffn.calibrate.layer_search import LayerSearch
     from sparse_ffn.calibrate.thresholds import calibrate_thresholds
-    from sparse_ffn.artifacts.provenance import freed_blocks_kept
     from sparse_ffn.calibrate.reference import reference_calibrate
     from sparse_ffn.artifacts.data import load_text, token_windows
     from sparse_ffn.core.ffn import find_ffns
