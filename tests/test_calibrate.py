@@ -356,3 +356,17 @@ def test_outer_search_brackets_a_rough_curve_quickly():
     # counted afresh from the tighter bracket: at most 8 on any, under 5 on average (the one-sided root
     # search with ITP counted from the first bracket took up to 12, 5.3 on average)
     assert max(passes) <= 8 and sum(passes) / len(passes) < 5, passes
+
+
+def test_model_root_stays_in_the_bracket_on_a_curve_that_is_not_monotone():
+    """SmolLM2 at 8192 tokens: c = 0.04183 gave 1.01062, beyond hi = 0.03955 at 1.01080. Anchored at
+    that point (the nearest to the aim) the power-law root fell outside [lo, hi]; anchored at a bracket
+    end it lies inside, where the safeguard no longer has to clip it to hi."""
+    from sparse_ffn.calibrate.ppl_search import Bracket
+
+    b = Bracket(1.01)
+    for c, r in ((0.04183, 1.01062), (0.03955, 1.01080), (0.03742, 1.00873)):
+        b.add(c, r)
+    assert (b.lo, b.hi) == (0.03742, 0.03955)
+    root = b.model_root(1.01 - 2.5e-4, None, 0.1)
+    assert 0.03742 < root < 0.03955 - 1e-4

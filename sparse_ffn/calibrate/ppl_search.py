@@ -50,26 +50,31 @@ class Bracket:
 
     def model_root(self, aim: float, beta_prior: float | None, c0: float) -> float:
         """Where a power law ratio - 1 = A c^beta through the evaluated points reaches `aim`: anchored
-        at the point nearest `aim` (in log(ratio - 1)); beta from the two points nearest the bracket
-        ends (else `beta_prior`, else 1.5). `c0` when there is no point with ratio > 1 yet."""
+        at the point nearest `aim` (in log(ratio - 1)), one of the two bracket ends once both exist;
+        beta from the two points nearest the bracket ends (else `beta_prior`, else 1.5). `c0` when
+        there is no point with ratio > 1 yet. On a curve that is not monotone at this resolution, a
+        point beyond the bracket can be nearer `aim` than its ends (SmolLM2, 8192 tokens: 1.01062 at
+        c = 0.04183 beyond hi = 0.03955 at 1.01080), and anchoring there throws the root out of it."""
         pts = sorted((c, r) for c, r in self.points.items() if c > 0 and r > 1)
         if not pts:
             lo = self.lo
             return c0 if lo == 0 else 4 * lo
         beta = None
+        candidates = pts
         if len(pts) >= 2:
             lo, hi = self.lo, self.hi
             below = [p for p in pts if p[0] <= lo]
             above = [p for p in pts if hi is not None and p[0] >= hi]
             if below and above:
                 a, b = below[-1], above[0]
+                candidates = [a, b]
             else:
                 a, b = sorted(sorted(pts, key=lambda p: abs(math.log((p[1] - 1) / (aim - 1))))[:2])
             if a[0] != b[0] and a[1] != b[1]:
                 beta = (math.log(b[1] - 1) - math.log(a[1] - 1)) / (math.log(b[0]) - math.log(a[0]))
                 beta = beta if 0 < beta < 50 else None
         beta = beta or beta_prior or 1.5
-        anchor = min(pts, key=lambda p: abs(math.log((p[1] - 1) / (aim - 1))))
+        anchor = min(candidates, key=lambda p: abs(math.log((p[1] - 1) / (aim - 1))))
         return anchor[0] * math.exp(math.log((aim - 1) / (anchor[1] - 1)) / beta)
 
     def propose(self, aim: float, c_tol: float, beta_prior: float | None, c0: float, n0: int = 1) -> float:
