@@ -81,15 +81,23 @@ def resident_bytes() -> int | None:
         return None
 
 
-def return_freed_memory() -> None:
-    """Hand memory freed by the program back to the OS (glibc's malloc_trim; a no-op elsewhere), so that a
-    resident-memory reading that follows measures what is live, not what the allocator keeps."""
+def _glibc() -> Any:
+    """The C library when it is glibc (has malloc_trim and mallopt), else None."""
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
     except (OSError, AttributeError):
-        pass
+        return None
+
+
+def return_freed_memory() -> None:
+    """Hand memory freed by the program back to the OS (glibc's malloc_trim; a no-op elsewhere), so that a
+    resident-memory reading that follows measures what is live, not what the allocator keeps."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 # glibc mallopt parameters, and the values its dynamic thresholds reach on 64-bit (mmap 32 MiB, trim 2x that)
@@ -105,13 +113,11 @@ def malloc_thresholds(mmap_bytes: int, trim_bytes: int | None = None) -> Iterato
     On exit the thresholds are those glibc's dynamic ones settle at on tensor workloads (mmap 32 MiB,
     trim 64 MiB) and, if `trim_bytes` was given, the kept memory is returned. Yields False (and does
     nothing) without glibc."""
-    try:
-        import ctypes
-
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
+    libc = _glibc()
+    if libc is None:
         yield False
         return
+    mallopt = libc.mallopt
     mallopt(_M_MMAP_THRESHOLD, int(mmap_bytes))
     if trim_bytes is not None:
         mallopt(_M_TRIM_THRESHOLD, int(trim_bytes))
