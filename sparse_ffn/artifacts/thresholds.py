@@ -41,7 +41,7 @@ FIELDS = {  # the types of every documented field (thresholds themselves: `_chec
         "method": Field((STR,)), "cett": Field((NUM,)), "target_ppl_ratio": Field((NUM, NULL)),
         "ppl_ratio": Field((NUM,)), "ppl_dense": Field((NUM,)), "ppl_sparse": Field((NUM,)),
         "data": Field(Obj({"path": Field((STR,)), "sha256": Field((STR, NULL))})), "tokens": Field((INT,)),
-        "seq_len": Field((INT,)), "windows": Field((INT,)), "search": Field((LIST,)), "timing": Field((DICT,)),
+        "seq_len": Field((INT,)), "windows": Field((INT,)), "search": Field((LIST,)), "timing": Field((DICT,)), "tolerance": Field((DICT,)),
         "memory": Field((DICT,)), "eval": Field((DICT,))})),
     "sparsity": Field(Obj({"mean": Field((NUM,)), "per_layer": Field(ListOf((NUM,))), "tokens": Field((INT,))},
                           nullable=True)),

@@ -18,7 +18,7 @@ from sparse_ffn.core.ffn import FFNNames, find_ffns, model_fingerprint
 from sparse_ffn.core.perplexity import model_device
 from sparse_ffn.errors import UserError
 from sparse_ffn.calibrate.calibrator import DEFAULT_MAX_ACTIVATION_MEMORY, Calibrator, Eval
-from sparse_ffn.calibrate.ppl_search import C_TOL, check_target, search_c
+from sparse_ffn.calibrate.ppl_search import C_TOL, RATIO_TOL, check_target, search_c
 
 ACTIVATION_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -72,8 +72,8 @@ def calibrate_thresholds(model: nn.Module, windows: Tensor, target_ppl_ratio: fl
     (and the dense per-window NLL); steering probes on a quarter of the windows (thresholds fitted on
     those tokens only) locate the crossing and its log-log slope; then full passes at power-law root
     estimates, ITP-safeguarded (`ppl_search.search_c`). Each c is fitted per layer by `LayerSearch` (exact
-    reference answers, warm-started across c). On SmolLM2-135M / 8192 tokens: 1 dense + 4 quarter +
-    2 full sparse passes, versus 1 + 10 full passes and 16 dense products per layer and step.
+    reference answers, warm-started across c). On SmolLM2-135M / 8 x 1024 tokens: 1 dense + 3 quarter +
+    3 full sparse passes, versus 1 + 10 full passes and 16 dense products per layer and step.
     Keyword options: those of `calibrate_targets`.
     """
     check_target(target_ppl_ratio, cett)
@@ -86,7 +86,7 @@ def calibrate_targets(model: nn.Module, windows: Tensor, targets: Sequence[float
                       names: FFNNames | None = None, batch_size: int = 4,
                       activation_dtype: torch.dtype | str = torch.float32,
                       max_activation_memory: int | None = DEFAULT_MAX_ACTIVATION_MEMORY,
-                      c_tol: float = C_TOL, ratio_tol: float = 5e-4, c0: float = 0.1,
+                      c_tol: float = C_TOL, ratio_tol: float = RATIO_TOL, c0: float = 0.1,
                       steer_windows: int | None = -1, max_steps: int = 30, progress: bool = False,
                       log: Callable[[str], None] | None = None,
                       data: dict | None = None) -> dict[float, ThresholdFile]:
@@ -173,6 +173,7 @@ def calibrate_targets(model: nn.Module, windows: Tensor, targets: Sequence[float
             "tokens": int(windows.numel()),
             "seq_len": int(windows.shape[1]),
             "windows": int(windows.shape[0]),
+            "tolerance": {"cett": c_tol, "ppl_ratio": None if cett is not None else min(ratio_tol, (key - 1) / 4)},
             "search": [{"cett": e.c, "ppl_ratio": e.ratio, "windows": e.windows, "sparsity": e.sparsity["mean"]}
                        for e in rec.evals],
             "timing": {"total_s": round(total, 3), **{k: round(v, 3) for k, v in cal.timing.items()},

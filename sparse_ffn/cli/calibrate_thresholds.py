@@ -14,6 +14,7 @@ activations and the per-layer searches. Nothing is written on an error or an int
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
@@ -50,6 +51,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                       help="PPL-k%%: largest CETT with PPL ratio <= R on the calibration text (1.01 = PPL-1%%); "
                            "several, comma-separated, in one run (with --out-dir)")
     goal.add_argument("--cett", type=float, metavar="C", help="fixed CETT value c in [0, 1]")
+    p.add_argument("--ratio-tol", type=float, metavar="TOL",
+                   help="stop once the PPL ratio is within TOL below the target (default 1e-3, the precision of "
+                        "the reference's bisection to 1e-3 in c; smaller costs more sparse passes); the search "
+                        "also stops once c is resolved to 1e-3")
     p.add_argument("--eval-data", help="held-out text (same forms as --data): also report its PPL ratio")
     p.add_argument("--eval-tokens", type=int, help="tokens of --eval-data (default: as many as --tokens)")
     add_placement_options(p, device_map=True)
@@ -78,6 +83,8 @@ def _cmd_thresholds(args: argparse.Namespace, rest: list[str]) -> int:
     check_target(targets[0] if targets else None, args.cett)
     check_positive(tokens=args.tokens, batch_size=args.batch_size, eval_tokens=args.eval_tokens)
     budget = parse_bytes(args.max_activation_memory)
+    if args.ratio_tol is not None and not (math.isfinite(args.ratio_tol) and 0 < args.ratio_tol < 1):
+        raise UserError(f"--ratio-tol {args.ratio_tol:g}: must be in (0, 1), e.g. 1e-3")
     if args.out is not None:
         if len(targets) > 1:
             raise UserError(f"--target-ppl-ratio {args.target_ppl_ratio}: several targets need --out-dir, not --out")
@@ -100,6 +107,7 @@ def _cmd_thresholds(args: argparse.Namespace, rest: list[str]) -> int:
             log(f"warning: --eval-data {args.eval_data} is the calibration text itself (not held out)")
 
     from sparse_ffn.artifacts.provenance import data_record
+    from sparse_ffn.calibrate.ppl_search import RATIO_TOL
     from sparse_ffn.calibrate.thresholds import calibrate_targets
     from sparse_ffn.core.masking import SparsityConfig, sparsify_
     from sparse_ffn.core.perplexity import perplexity
@@ -124,6 +132,7 @@ def _cmd_thresholds(args: argparse.Namespace, rest: list[str]) -> int:
     files = calibrate_targets(
         model, windows, targets, cett=args.cett, names=names,
         batch_size=args.batch_size, activation_dtype=args.activation_dtype, max_activation_memory=budget,
+        ratio_tol=RATIO_TOL if args.ratio_tol is None else args.ratio_tol,
         progress=not args.no_progress, log=log, data=data_record(args.data, sha))
     dense = None
     for key, thr in files.items():
