@@ -202,6 +202,38 @@ def test_tampered_artifact_is_refused_at_load(arts, name, capsys):
     assert len(captured.err.strip().splitlines()) == 1
 
 
+def test_a_file_is_hashed_once_per_state_and_again_once_it_changes(tmp_path, monkeypatch):
+    """Layer-streamed evaluation checks every layer file at every call: a file unchanged since it was
+    hashed is not hashed again; one written in place (same size) is, and refused; one hashed within
+    RACY_NS of its last change is hashed at every check (a change in the same timestamp tick)."""
+    import os
+    import time
+
+    from sparse_ffn.artifacts import integrity
+
+    path = tmp_path / "layer_000.safetensors"
+    path.write_bytes(b"x" * 1000)
+    entry = {"layer": 0, "bytes": 1000, "sha256": hashlib.sha256(b"x" * 1000).hexdigest()}
+    hashed = []
+    real = integrity.sha256_file
+    monkeypatch.setattr(integrity, "sha256_file", lambda p: hashed.append(p) or real(p))
+    integrity.check_digest(path, entry)
+    integrity.check_digest(path, entry)
+    assert len(hashed) == 2  # just written: racy, hashed every time
+    old = time.time_ns() - 2 * integrity.RACY_NS
+    os.utime(path, ns=(old, old))  # (ctime moves to now: still racy)
+    monkeypatch.setattr(integrity, "RACY_NS", -10**12)  # treat the ctime as old enough
+    integrity.check_digest(path, entry)
+    integrity.check_digest(path, entry)
+    integrity.check_digest(path, entry)
+    assert len(hashed) == 3  # unchanged since it was hashed: once
+    with open(path, "r+b") as f:
+        f.write(b"y")  # in place, same size, same inode
+    with pytest.raises(UserError, match="sha256"):
+        integrity.check_digest(path, entry)
+    assert len(hashed) == 4
+
+
 def test_tampered_artifact_is_refused_by_lm_eval(arts, local_tasks):
     """The stock lm_eval script with experts=: exit != 0, one `sparse-ffn: error:` line, no traceback."""
     procs = {}

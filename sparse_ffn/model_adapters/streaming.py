@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from sparse_ffn.artifacts.experts import load_layer_experts, unload_layer_experts
+from sparse_ffn.artifacts.provenance import freed_blocks_kept
 from sparse_ffn.calibrate.layer_runner import LayerRunner
 from sparse_ffn.core.experts import ExpertsHandle
 from sparse_ffn.core.hidden_states import DEFAULT_HIDDEN_MEMORY, HiddenStates
@@ -83,7 +84,8 @@ class LayerStream:
         dtype = self.model.get_input_embeddings().weight.dtype
         hidden = None
         try:
-            with torch.no_grad(), self.autocast():
+            # every layer reads and decodes stacks of the same sizes: the heap keeps them for the next one
+            with torch.no_grad(), self.autocast(), freed_blocks_kept():
                 for i, ids in enumerate(batches):
                     h = self.runner.capture(ids.to(self.device))
                     if hidden is None:
