@@ -27,14 +27,14 @@ from sparse_ffn.artifacts.schema import BOOL, CREATED_BY, DICT, INT, NULL, NUM, 
     at_least, check, check_fields, one_of
 
 ROUTERS = tuple(dict.fromkeys(ROUTER_OF.values()))
+ENCODINGS = ("dense", "bitmask", "indices")
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # file state (path, inode, size, mtime, ctime in ns) -> its sha256, for files hashed in this process at
 # least RACY_NS after their last change (a change within a coarse timestamp tick leaves the stamps as
 # they were: git's "racily clean" entries, which it too re-hashes)
 _HASHED: dict[tuple[str, int, int, int, int], str] = {}
 RACY_NS = 2 * 10**9
-ENCODINGS = ("dense", "bitmask", "indices")
-DTYPES = ("float32", "float16", "bfloat16", "float64")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def _sha(v: Any) -> str | None:
