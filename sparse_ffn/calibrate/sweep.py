@@ -140,18 +140,19 @@ def sweep_checkpoints(checkpoints: Sequence[Checkpoint], load: Callable[[Path], 
                       target_ppl_ratio: float | None = None, cett: float | None = None, last: int = LAST,
                       names: FFNNames | None = None, batch_size: int = 4,
                       max_activation_memory: int | None = None, c_tol: float | None = None,
-                      ratio_tol: float = 5e-4, max_steps: int = 30, progress: bool = False,
+                      ratio_tol: float | None = None, max_steps: int = 30, progress: bool = False,
                       log: Callable[[str], None] | None = None) -> SweepResult:
     """Choose one c for the run and measure every checkpoint at it.
 
     checkpoints: in training order; load(path) -> the model (eval mode, on its device); windows:
     LongTensor (n_windows, seq_len), the same for every checkpoint. Exactly one of target_ppl_ratio R > 1
     (c = the largest c, to c_tol (default the reference's 1e-3), whose mean PPL ratio over the last `last`
-    checkpoints is <= R; refused when even the smallest resolvable c exceeds it) or cett = a fixed c in
+    checkpoints is <= R, or with that mean within ratio_tol (default `ppl_search.RATIO_TOL`, 1e-3) below R;
+    refused when even the smallest resolvable c exceeds it) or cett = a fixed c in
     [0, 1]. max_activation_memory: bytes for all held checkpoints' activations together (None: no cap).
     """
     from sparse_ffn.calibrate.calibrator import Calibrator
-    from sparse_ffn.calibrate.ppl_search import C_TOL, check_target, search_c
+    from sparse_ffn.calibrate.ppl_search import C_TOL, RATIO_TOL, check_target, search_c
     from sparse_ffn.core.ffn import find_ffns
 
     check_target(target_ppl_ratio, cett)
@@ -174,7 +175,7 @@ def sweep_checkpoints(checkpoints: Sequence[Checkpoint], load: Callable[[Path], 
     mean = _MeanCalibration(cals)
     if cett is None:
         log(f"searching c: mean PPL ratio over the last {len(tail)} checkpoints <= {target_ppl_ratio:g}")
-        c = search_c(mean, target_ppl_ratio, c_tol=C_TOL if c_tol is None else c_tol, ratio_tol=ratio_tol, c0=0.1,
+        c = search_c(mean, target_ppl_ratio, c_tol=C_TOL if c_tol is None else c_tol, ratio_tol=RATIO_TOL if ratio_tol is None else ratio_tol, c0=0.1,
                     steer_windows=None, max_steps=max_steps).c
     else:
         c = cett
