@@ -175,8 +175,9 @@ def sweep_checkpoints(checkpoints: Sequence[Checkpoint], load: Callable[[Path], 
     mean = _MeanCalibration(cals)
     if cett is None:
         log(f"searching c: mean PPL ratio over the last {len(tail)} checkpoints <= {target_ppl_ratio:g}")
-        c = search_c(mean, target_ppl_ratio, c_tol=C_TOL if c_tol is None else c_tol, ratio_tol=RATIO_TOL if ratio_tol is None else ratio_tol, c0=0.1,
-                    steer_windows=None, max_steps=max_steps).c
+        c = search_c(mean, target_ppl_ratio, c_tol=C_TOL if c_tol is None else c_tol,
+                     ratio_tol=RATIO_TOL if ratio_tol is None else ratio_tol, c0=0.1, steer_windows=None,
+                     max_steps=max_steps).c
     else:
         c = cett
     at_c = mean.evaluate(c)
