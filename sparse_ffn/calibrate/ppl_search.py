@@ -32,6 +32,11 @@ def check_target(target_ppl_ratio: float | None, cett: float | None) -> None:
         raise UserError(f"--cett {cett:g}: must be in [0, 1]")
 
 
+def effective_ratio_tol(target: float, ratio_tol: float) -> float:
+    """The ratio tolerance a search for `target` uses: `ratio_tol`, at most a quarter of target - 1."""
+    return min(ratio_tol, (target - 1) / 4)
+
+
 class Bracket:
     """Evaluated (c, ratio) points of one fidelity: the largest feasible c (`lo`, ratio <= target) and the
     smallest infeasible one (`hi`), and the next c to try."""
@@ -132,7 +137,7 @@ def search_c(cal: Calibrator, target: float, *, c_tol: float, ratio_tol: float, 
     Both phases aim a quarter of ratio_tol below the target (an overshoot is infeasible and costs a
     pass; landing low within the tolerance does not); steering stops within ratio_tol.
     """
-    ratio_tol = min(ratio_tol, (target - 1) / 4)
+    ratio_tol = effective_ratio_tol(target, ratio_tol)
     aim = target - ratio_tol / 4
     beta_prior = None
     if steer_windows and steer_windows < cal.windows.shape[0]:

@@ -18,7 +18,7 @@ from sparse_ffn.core.ffn import FFNNames, find_ffns, model_fingerprint
 from sparse_ffn.core.perplexity import model_device
 from sparse_ffn.errors import UserError
 from sparse_ffn.calibrate.calibrator import DEFAULT_MAX_ACTIVATION_MEMORY, Calibrator, Eval
-from sparse_ffn.calibrate.ppl_search import C_TOL, RATIO_TOL, check_target, search_c
+from sparse_ffn.calibrate.ppl_search import C_TOL, RATIO_TOL, check_target, effective_ratio_tol, search_c
 
 ACTIVATION_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -173,7 +173,7 @@ def calibrate_targets(model: nn.Module, windows: Tensor, targets: Sequence[float
             "tokens": int(windows.numel()),
             "seq_len": int(windows.shape[1]),
             "windows": int(windows.shape[0]),
-            "tolerance": {"cett": c_tol, "ppl_ratio": None if cett is not None else min(ratio_tol, (key - 1) / 4)},
+            "tolerance": {"cett": c_tol, "ppl_ratio": None if cett is not None else effective_ratio_tol(key, ratio_tol)},
             "search": [{"cett": e.c, "ppl_ratio": e.ratio, "windows": e.windows, "sparsity": e.sparsity["mean"]}
                        for e in rec.evals],
             "timing": {"total_s": round(total, 3), **{k: round(v, 3) for k, v in cal.timing.items()},
