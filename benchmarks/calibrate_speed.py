@@ -49,6 +49,7 @@ def main() -> None:
                    help="per-layer agreement on the first N layers only (the outer reference search always "
                         "fits all layers)")
     p.add_argument("--skip-reference", action="store_true", help="only ours (timing, no comparison)")
+    p.add_argument("--device", default="cpu", help="torch device of the model and both searches (cpu, cuda, cuda:1)")
     p.add_argument("--json", help="also write the JSON summary to this file")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
@@ -63,12 +64,13 @@ def main() -> None:
     from sparse_ffn.core.ffn import find_ffns
 
     tok = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval().to(args.device)
     text, sha = load_text(args.data)
     windows = token_windows(tok, text, args.seq_len, args.tokens, where=args.data)
     ffns = find_ffns(model)
     print(f"model {args.model}: {len(ffns)} layers, d_ff {ffns[0].d_ff}; {windows.shape[0]} x {windows.shape[1]} "
-          f"tokens of {args.data}; target {args.target}; batch {args.batch_size}; threads {torch.get_num_threads()}",
+          f"tokens of {args.data}; target {args.target}; batch {args.batch_size}; threads {torch.get_num_threads()}; "
+          f"device {args.device}",
           flush=True)
 
     thread_counts = [int(t) for t in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
@@ -99,15 +101,27 @@ def compare(args, model, windows, ffns, sha, threads, agreement: bool) -> dict:
     torch.set_num_threads(threads)
     print(f"== threads {torch.get_num_threads()} ==", flush=True)
     with torch.inference_mode():  # warm-up at the passes' batch shape: neither pays the first-forward costs
-        model(input_ids=windows[:args.batch_size], use_cache=False)
+        model(input_ids=windows[:args.batch_size].to(args.device), use_cache=False)
 
     def log(prefix: str, t0: float):
         return lambda msg: print(f"  [{prefix} {time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
 
+    cuda = torch.device(args.device).type == "cuda"
+
+    def peak_cuda() -> dict:  # peak bytes allocated on the GPU since the last reset (then reset)
+        if not cuda:
+            return {}
+        torch.cuda.synchronize(args.device)
+        peak = torch.cuda.max_memory_allocated(args.device)
+        torch.cuda.reset_peak_memory_stats(args.device)
+        return {"peak_cuda_bytes": int(peak)}
+
     # -- ours --------------------------------------------------------------------------------------
+    peak_cuda()
     t0, c0 = time.perf_counter(), time.process_time()
     thr = calibrate_thresholds(model, windows, target_ppl_ratio=args.target, batch_size=args.batch_size,
                                log=log("ours", t0), data={"path": args.data, "sha256": sha})
+    ours_gpu = peak_cuda()
     ours_s, ours_cpu = time.perf_counter() - t0, time.process_time() - c0
     ours_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     cal = thr.calibration
@@ -115,13 +129,14 @@ def compare(args, model, windows, ffns, sha, threads, agreement: bool) -> dict:
     print(f"ours: c={cal['cett']:.5f} ppl_ratio={cal['ppl_ratio']:.5f} sparsity={thr.sparsity['mean']:.4f} "
           f"in {ours_s:.1f} s wall ({ours_cpu:.1f} s CPU): {full_passes} full + "
           f"{len(cal['search']) - full_passes} steering sparse passes; timing {cal['timing']}; "
-          f"peak RSS {ours_rss / 2**30:.2f} GiB (activations {cal['memory']['activation_bytes'] / 2**30:.2f} GiB)",
+          f"peak RSS {ours_rss / 2**30:.2f} GiB (activations {cal['memory']['activation_bytes'] / 2**30:.2f} GiB)"
+          + (f"; peak GPU {ours_gpu['peak_cuda_bytes'] / 2**30:.2f} GiB" if ours_gpu else ""),
           flush=True)
     summary = {"model": args.model, "tokens": int(windows.numel()), "seq_len": args.seq_len, "target": args.target,
-               "threads": torch.get_num_threads(), "batch_size": args.batch_size,
+               "threads": torch.get_num_threads(), "batch_size": args.batch_size, "device": args.device,
                "ours": {"cett": cal["cett"], "ppl_ratio": cal["ppl_ratio"], "sparsity": thr.sparsity["mean"],
                         "wall_s": ours_s, "cpu_s": ours_cpu, "timing": cal["timing"], "search": cal["search"],
-                        "peak_rss_bytes": ours_rss, "activation_bytes": cal["memory"]["activation_bytes"],
+                        "peak_rss_bytes": ours_rss, **ours_gpu, "activation_bytes": cal["memory"]["activation_bytes"],
                         "thresholds": thr.thresholds, "full_passes": full_passes,
                         "steer_passes": len(cal["search"]) - full_passes,
                         "full_equivalent": sum(e["windows"] for e in cal["search"]) / windows.shape[0]}}
@@ -137,10 +152,12 @@ def compare(args, model, windows, ffns, sha, threads, agreement: bool) -> dict:
     with freed_blocks_kept():  # the allocator setting `calibrate_thresholds` runs under, for the same passes
         ref = reference_calibrate(model, ref_windows, args.target, batch_size=args.batch_size, log=log("ref", t0),
                                   keep_activations=True)
+    ref_gpu = peak_cuda()
     ref_s, ref_cpu = time.perf_counter() - t0, time.process_time() - c0
     print(f"reference: c={ref['cett']:.5f} ppl_ratio={ref['ppl_ratio']:.5f} sparsity={ref['sparsity']['mean']:.4f} "
           f"in {ref_s:.1f} s wall ({ref_cpu:.1f} s CPU): {ref['steps']} sparse passes; "
-          f"timing { {k: round(v, 1) for k, v in ref['timing'].items()} }", flush=True)
+          f"timing { {k: round(v, 1) for k, v in ref['timing'].items()} }"
+          + (f"; peak GPU {ref_gpu['peak_cuda_bytes'] / 2**30:.2f} GiB" if ref_gpu else ""), flush=True)
 
     # -- per-layer agreement: our search at every c the reference visited (first thread count only) ----
     layers = range(0 if not agreement else len(ffns) if not args.ref_layers else min(args.ref_layers, len(ffns)))
@@ -168,7 +185,7 @@ def compare(args, model, windows, ffns, sha, threads, agreement: bool) -> dict:
     print(f"speed: reference {ref_s:.1f} s / ours {ours_s:.1f} s = {ratio:.2f}x wall, "
           f"{ref_cpu / ours_cpu:.2f}x CPU" + (" [reference on a token subset]" if subset else ""), flush=True)
     summary["reference"] = {"cett": ref["cett"], "ppl_ratio": ref["ppl_ratio"], "sparsity": ref["sparsity"]["mean"],
-                            "wall_s": ref_s, "cpu_s": ref_cpu, "steps": ref["steps"],
+                            "wall_s": ref_s, "cpu_s": ref_cpu, "steps": ref["steps"], **ref_gpu,
                             "timing": ref["timing"], "tokens": int(ref_windows.numel()), "subset": subset,
                             "search": [{"cett": e["cett"], "ppl_ratio": e["ppl_ratio"]} for e in ref["evals"]],
                             "thresholds": ref["thresholds"]}

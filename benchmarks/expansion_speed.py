@@ -35,7 +35,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 PHASES = {  # (file, function) of the calibration -> phase; "layer runs" includes the dense passes' runs
     ("calibrate/experts.py", "_dense_pass"): "dense passes", ("calibrate/experts.py", "fit_router"): "routers",
-    ("calibrate/experts.py", "cluster_hessians"): "Hessians", ("calibrate/experts.py", "prune_experts"): "SparseGPT",
+    ("calibrate/experts.py", "iter_cluster_hessians"): "Hessians",
+    ("calibrate/experts.py", "prune_expert_into"): "SparseGPT",
     ("artifacts/experts.py", "write_layer"): "layer files", ("calibrate/layer_runner.py", "run"): "layer runs",
 }
 
@@ -60,13 +61,16 @@ def floor_seconds(model, windows, batch_size: int) -> float:
 
     _, layers = decoder_layers(model)
     runner = LayerRunner(model, layers)
+    device = next(model.parameters()).device
     with torch.inference_mode():
-        hidden = [runner.capture(windows[i:i + batch_size]) for i in range(0, windows.shape[0], batch_size)]
+        hidden = [runner.capture(windows[i:i + batch_size].to(device)) for i in range(0, windows.shape[0], batch_size)]
         start = time.perf_counter()
         for l in range(len(layers)):
             for h in hidden:
                 runner.run(l, h)  # the dense pass (FFN inputs recorded here in a calibration)
             hidden = [runner.run(l, h) for h in hidden]  # the output pass
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         return time.perf_counter() - start
 
 
@@ -88,6 +92,7 @@ def main() -> None:
     p.add_argument("--experts", help="evaluate this K-expert artifact and skip the calibration part")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out-dir", help="keep the artifacts here (default: a temporary directory)")
+    p.add_argument("--device", default="cpu", help="torch device of calibration and evaluation (cpu, cuda, cuda:1)")
     args = p.parse_args()
 
     import torch
@@ -104,17 +109,17 @@ def main() -> None:
 
         model_dir = str(fetch_model("smollm2-135m"))
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().to(args.device)
     text, sha = load_text(args.data)
     windows = token_windows(tok, text, args.seq_len, args.nsamples * args.seq_len, where=args.data)
     print(f"{model_dir}: {windows.shape[0]} x {windows.shape[1]} calibration tokens, sparsity {args.sparsity}, "
-          f"threads {torch.get_num_threads()}, batch {args.batch_size}", flush=True)
+          f"threads {torch.get_num_threads()}, batch {args.batch_size}, device {args.device}", flush=True)
     tmp = tempfile.TemporaryDirectory(prefix="expansion_speed_")
     root = Path(args.out_dir or tmp.name)
     root.mkdir(parents=True, exist_ok=True)
 
     summary: dict = {"tokens": int(windows.numel()), "threads": args.threads, "batch_size": args.batch_size,
-                     "sparsity": args.sparsity}
+                     "sparsity": args.sparsity, "device": args.device}
     if args.experts is None:
         floor_seconds(model, windows[:1], 1)  # warm-up
         floor = floor_seconds(model, windows, args.batch_size)
@@ -130,9 +135,13 @@ def main() -> None:
                               progress=False, threads=args.threads)
             profile.disable()
             seconds = time.perf_counter() - start
+            run = json.loads((out / "manifest.json").read_text())["run"]
             calib[k] = {"seconds": round(seconds, 2), "vs_floor": round(seconds / floor, 2), "path": str(out),
-                        "phases": phase_seconds(profile)}
-            print(f"K={k}: {seconds:.1f} s = {seconds / floor:.2f}x the floor; phases {calib[k]['phases']}", flush=True)
+                        "phases": phase_seconds(profile),
+                        **{key: run[key] for key in ("peak_rss_bytes", "peak_cuda_bytes") if key in run}}
+            gpu = f"; peak GPU {run['peak_cuda_bytes'] / 2**30:.2f} GiB" if "peak_cuda_bytes" in run else ""
+            print(f"K={k}: {seconds:.1f} s = {seconds / floor:.2f}x the floor; phases {calib[k]['phases']}{gpu}",
+                  flush=True)
         ks = sorted(calib)
         summary.update(floor_s=round(floor, 2), calibration=calib)
         if len(ks) >= 2:
@@ -143,22 +152,32 @@ def main() -> None:
     experts = args.experts or calib[max(calib)]["path"]
     clusters = json.loads((Path(experts) / "manifest.json").read_text())["settings"]["num_clusters"]
     summary["evaluation"] = []
+    cuda = torch.device(args.device).type == "cuda"
     for n_windows in (int(x) for x in args.eval_windows.split(",")):
         tokens = n_windows * args.eval_seq_len
         times: dict[bool, list[float]] = {False: [], True: []}
         nll: dict[bool, float] = {}
+        peak_gpu: dict[bool, int] = {}
         for _ in range(args.repeats):
             for streaming in (False, True):
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats(args.device)
                 r = paper_perplexity(model_dir, args.eval_data, args.eval_seq_len, experts=experts, tokens=tokens,
-                                     device="cpu", streaming=streaming)
+                                     device=args.device, streaming=streaming)
                 times[streaming].append(r["seconds"])
                 nll[streaming] = r["nll"]
+                if cuda:  # the benchmark's own dense model stays on the GPU: counted in both modes alike
+                    peak_gpu[streaming] = max(peak_gpu.get(streaming, 0), torch.cuda.max_memory_allocated(args.device))
         ratio = statistics.median(times[True]) / statistics.median(times[False])
         summary["evaluation"].append({"in_memory_s": times[False], "streamed_s": times[True], "ratio": round(ratio, 3),
-                                      "nll_identical": nll[True] == nll[False], "tokens": tokens, "clusters": clusters})
+                                      "nll_identical": nll[True] == nll[False], "tokens": tokens, "clusters": clusters,
+                                      **({"peak_cuda_bytes": {"in_memory": peak_gpu[False], "streamed": peak_gpu[True]}}
+                                         if cuda else {})})
         print(f"evaluation K={clusters} on {tokens} tokens in one call: streamed / in-memory = {ratio:.2f}x "
               f"(target <= 1.3), medians of {args.repeats} ({statistics.median(times[True]):.1f} s / "
-              f"{statistics.median(times[False]):.1f} s); NLL identical: {nll[True] == nll[False]}", flush=True)
+              f"{statistics.median(times[False]):.1f} s); NLL identical: {nll[True] == nll[False]}"
+              + (f"; peak GPU in memory {peak_gpu[False] / 2**30:.2f} GiB, streamed {peak_gpu[True] / 2**30:.2f} GiB"
+                 if cuda else ""), flush=True)
     print(json.dumps(summary))
 
 

@@ -438,8 +438,9 @@ def _dense_pass(runner: LayerRunner, ffn: FFN, hidden: list[Tensor], tokens: int
     hooks = [_input_module(ffn).register_forward_pre_hook(grab(x, "x")),
              ffn.down.register_forward_pre_hook(grab(a, "a"))]
     try:
+        layer_device = linear_weight(ffn.down).device  # the cached hidden states stay on the CPU
         for h in hidden:
-            runner.run(ffn.layer, h)
+            runner.run(ffn.layer, h.to(layer_device))
     finally:
         for hk in hooks:
             hk.remove()
