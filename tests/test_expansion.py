@@ -178,6 +178,19 @@ def test_weight_encodings_round_trip_and_pick_the_smallest():
         tensors, got = encode_weight("e", w)
         assert got == enc
         assert torch.equal(decode_weight(tensors, "e", tuple(w.shape), got), w)
+    # the stored layout, against a plain reading of the format: bit i of byte j is entry 8 j + i (row-major),
+    # values in row-major order; indices are the row-major positions, int32
+    for w in (half[:, :13], half.bfloat16()):
+        flat = [float(v) for v in w.reshape(-1)]
+        tensors, _ = encode_weight("e", w)
+        want = [sum(1 << i for i in range(8) if 8 * j + i < len(flat) and flat[8 * j + i] != 0)
+                for j in range(-(-len(flat) // 8))]
+        assert tensors["e.bitmask"].dtype == torch.uint8 and tensors["e.bitmask"].tolist() == want
+        assert tensors["e.values"].dtype == w.dtype
+        assert tensors["e.values"].float().tolist() == [v for v in flat if v != 0]
+    tensors, _ = encode_weight("e", few)
+    assert tensors["e.indices"].dtype == torch.int32
+    assert tensors["e.indices"].tolist() == [i for i, v in enumerate(few.reshape(-1).tolist()) if v != 0]
 
 
 def test_decode_into_place_equals_the_plain_decode_and_checks_the_bit_count():
