@@ -95,7 +95,7 @@ def compare(args, model, windows, ffns, sha, threads, agreement: bool) -> dict:
     import torch
     from sparse_ffn.calibrate.layer_search import LayerSearch
     from sparse_ffn.calibrate.thresholds import calibrate_thresholds
-    from sparse_ffn.artifacts.provenance import freed_blocks_kept
+    from sparse_ffn.artifacts.provenance import freed_blocks_kept, peak_memory
     from sparse_ffn.calibrate.reference import reference_calibrate
 
     torch.set_num_threads(threads)
@@ -108,13 +108,12 @@ def compare(args, model, windows, ffns, sha, threads, agreement: bool) -> dict:
 
     cuda = torch.device(args.device).type == "cuda"
 
-    def peak_cuda() -> dict:  # peak bytes allocated on the GPU since the last reset (then reset)
+    def peak_cuda() -> dict:  # {"peak_cuda_bytes"} allocated on the GPU since the last call (then reset)
         if not cuda:
             return {}
-        torch.cuda.synchronize(args.device)
-        peak = torch.cuda.max_memory_allocated(args.device)
+        peak = {"peak_cuda_bytes": peak_memory(torch.device(args.device))["peak_cuda_bytes"]}
         torch.cuda.reset_peak_memory_stats(args.device)
-        return {"peak_cuda_bytes": int(peak)}
+        return peak
 
     # -- ours --------------------------------------------------------------------------------------
     peak_cuda()

@@ -99,6 +99,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sparse_ffn.artifacts.data import load_text, token_windows
+    from sparse_ffn.artifacts.provenance import peak_memory
     from sparse_ffn.calibrate.experts import ExpertsSettings, calibrate_experts
     from sparse_ffn.tasks.paper_ppl import paper_perplexity
 
@@ -167,7 +168,8 @@ def main() -> None:
                 times[streaming].append(r["seconds"])
                 nll[streaming] = r["nll"]
                 if cuda:  # the benchmark's own dense model stays on the GPU: counted in both modes alike
-                    peak_gpu[streaming] = max(peak_gpu.get(streaming, 0), torch.cuda.max_memory_allocated(args.device))
+                    peak = peak_memory(torch.device(args.device))["peak_cuda_bytes"]
+                    peak_gpu[streaming] = max(peak_gpu.get(streaming, 0), peak)
         ratio = statistics.median(times[True]) / statistics.median(times[False])
         summary["evaluation"].append({"in_memory_s": times[False], "streamed_s": times[True], "ratio": round(ratio, 3),
                                       "nll_identical": nll[True] == nll[False], "tokens": tokens, "clusters": clusters,
