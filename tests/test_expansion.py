@@ -12,7 +12,7 @@ import transformers
 from sparse_ffn.calibrate.experts import ExpertsSettings, calibrate_experts, parse_sparsity
 from sparse_ffn.core.router import Router, assign
 from sparse_ffn.calibrate.router_fit import fit_pca, kmeans
-from sparse_ffn.calibrate.sparsegpt import SparseGPTError, sparsegpt_prune
+from sparse_ffn.calibrate.sparsegpt import SparseGPTError, lowest_k_mask, sparsegpt_prune
 from sparse_ffn.cli import main
 from sparse_ffn.errors import UserError
 from sparse_ffn.core.experts import ExpertLinear
@@ -108,6 +108,23 @@ def test_sparsegpt_equals_columnwise_obs(kind):
     # float32 arithmetic gives the same answer up to float32 rounding
     f32 = sparsegpt_prune(w.float(), h.float(), block_size=16, bits=bits, **kw)
     assert f32.dtype == torch.float32 and (f32.double() - ref).abs().max() < 1e-3
+
+
+def test_lowest_k_mask_is_the_stable_argsort_prefix():
+    """The block mask's selection picks exactly the first k of a stable ascending argsort: ties (many,
+    from integer values) go to the earlier row-major position, NaN is never picked before a number."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(120):
+        shape = tuple(int(s) for s in torch.randint(1, 30, (2,), generator=g))
+        v = torch.randint(0, 4, shape, generator=g).double() if trial % 2 else torch.randn(shape, generator=g)
+        if trial % 5 == 0:
+            v.view(-1)[-1] = float("nan")
+        for k in {0, 1, v.numel() // 2, v.numel() - 1, v.numel()}:
+            expected = torch.zeros(v.numel(), dtype=torch.bool)
+            expected[torch.argsort(v.flatten(), stable=True)[:k]] = True
+            got = lowest_k_mask(v, k)
+            assert got.shape == v.shape and int(got.sum()) == k
+            assert torch.equal(got.flatten(), expected), (trial, k)
 
 
 def test_sparsegpt_beats_magnitude_pruning():
