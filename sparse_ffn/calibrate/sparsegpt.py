@@ -124,6 +124,7 @@ def sparsegpt_prune(weight: Tensor, hessian: Tensor, sparsity: float | None, n_m
     loss = torch.zeros((), dtype=dtype, device=w.device)
 
     update = torch.empty(min(block_size, d_in), d_out, dtype=dtype, device=w.device)
+    zero = torch.zeros((), dtype=dtype, device=w.device)  # a tensor: `where` with a Python 0.0 costs 1.5x per column
     for i1 in range(0, d_in, block_size):
         i2 = min(i1 + block_size, d_in)
         b = i2 - i1
@@ -143,7 +144,7 @@ def sparsegpt_prune(weight: Tensor, hessian: Tensor, sparsity: float | None, n_m
                 prune1.t()[:, i:i + n_m[1]].scatter_(1, torch.argsort(sal, dim=1, stable=True)[:, :n_m[0]], True)
             col = w1[i]
             if quant is None:  # (col - q) / d with q = where(pruned, 0, col): the same bits, one op less
-                err = torch.where(prune1[i], col, 0.0).div_(d1[i])
+                err = torch.where(prune1[i], col, zero).div_(d1[i])
             else:
                 q = quantize(torch.where(prune1[i], 0.0, col)[:, None], *quant).flatten()
                 q1[i] = q
