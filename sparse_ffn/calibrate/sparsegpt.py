@@ -56,9 +56,11 @@ def lowest_k_mask(values: Tensor, k: int) -> Tensor:
     Values with NaN take the argsort (it orders NaN last)."""
     flat = values.flatten()
     n = flat.numel()
-    if k <= 0 or k >= n or bool(torch.isnan(flat).any()):
+    if k <= 0 or k >= n:
+        return torch.full(values.shape, k > 0, dtype=torch.bool, device=flat.device)
+    if bool(torch.isnan(flat).any()):
         mask = torch.zeros(n, dtype=torch.bool, device=flat.device)
-        mask[torch.argsort(flat, stable=True)[:max(k, 0)]] = True
+        mask[torch.argsort(flat, stable=True)[:k]] = True
         return mask.view(values.shape)
     kth = torch.kthvalue(flat, k).values
     below = flat < kth
@@ -146,7 +148,7 @@ def sparsegpt_prune(weight: Tensor, hessian: Tensor, sparsity: float | None, n_m
             if quant is None:  # (col - q) / d with q = where(pruned, 0, col): the same bits, one op less
                 err = torch.where(prune1[i], col, zero).div_(d1[i])
             else:
-                q = quantize(torch.where(prune1[i], 0.0, col)[:, None], *quant).flatten()
+                q = quantize(torch.where(prune1[i], zero, col)[:, None], *quant).flatten()
                 q1[i] = q
                 err = (col - q) / d1[i]
                 err1[i] = err
