@@ -17,6 +17,7 @@ C_TOL = 1e-3  # the reference's tolerance on c in the outer bisection
 # has (its final ratio lies anywhere across its last 1e-3 step in c: about 6e-4 below PPL-1% on SmolLM2,
 # plus the curve's roughness, +-1e-3 at 8192 tokens), and the agreement the benchmark asks of the two
 RATIO_TOL = 1e-3
+AIM_BELOW = 0.25  # both phases aim this fraction of ratio_tol below the target
 # the least step beyond the known end of a one-sided bracket, by the number of probes there (1: the root)
 ONE_SIDED_GROWTH = (1.0, 1.0, 1.05, 1.15, 1.4)
 RESOLVED = 1 + 1e-9  # midpoints halve a bracket to c_tol only up to float rounding (1.0000000000000009e-3)
@@ -138,7 +139,7 @@ def search_c(cal: Calibrator, target: float, *, c_tol: float, ratio_tol: float, 
     pass; landing low within the tolerance does not); steering stops within ratio_tol.
     """
     ratio_tol = effective_ratio_tol(target, ratio_tol)
-    aim = target - ratio_tol / 4
+    aim = target - ratio_tol * AIM_BELOW
     beta_prior = None
     if steer_windows and steer_windows < cal.windows.shape[0]:
         steer = Bracket(target)
